@@ -1,0 +1,101 @@
+//! The command line. Flag names are part of the interface: scripts and later features rely on
+//! them, so they change only with a deprecation.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cfs",
+    version,
+    about = "ClaudeFS: a POSIX filesystem with a local flash tier and an object store behind it",
+    long_about = "ClaudeFS: a POSIX filesystem with a local flash tier and an object store behind it.\n\n\
+                  Quick start (as root):\n  cfs mount /mnt/cfs            # mount on the embedded defaults, in the foreground\n  \
+                  cfs mount /mnt/cfs --background\n  cfs status /mnt/cfs\n  cfs umount /mnt/cfs"
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace). RUST_LOG, if set, takes precedence.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount a filesystem, creating it in the data dir on first use.
+    Mount(MountArgs),
+    /// Unmount a ClaudeFS mount; its daemon then exits cleanly.
+    Umount(UmountArgs),
+    /// Show files, bytes, flash usage and whether passthrough is active.
+    Status(StatusArgs),
+    /// Check every metadata invariant of an unmounted data dir, and optionally repair.
+    Fsck(FsckArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MountArgs {
+    /// Where to mount. Must be an existing, empty-or-not directory that is not already a mount.
+    pub mountpoint: PathBuf,
+
+    /// Where the filesystem lives: the metadata database and flash/, the backing files.
+    /// Defaults to /var/lib/cfs/<name> as root, else $XDG_DATA_HOME/cfs/<name>.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// The filesystem's name, used for the default data dir.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+
+    /// Return once the mount is ready, leaving the daemon running. Logs go to DIR/cfs.log.
+    #[arg(long)]
+    pub background: bool,
+
+    /// Serve reads and writes through the daemon instead of FUSE passthrough.
+    #[arg(long)]
+    pub no_passthrough: bool,
+
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Let users other than the mounting one use the mount (FUSE allow_other).
+    #[arg(long)]
+    pub allow_other: bool,
+
+    /// How long the kernel may cache attributes, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub attr_ttl: f64,
+
+    /// How long the kernel may cache directory entries, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub entry_ttl: f64,
+
+    /// FUSE worker threads.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub threads: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    pub mountpoint: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// A data dir or the mountpoint of a running mount.
+    pub target: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FsckArgs {
+    /// The data dir to check. It must not be mounted.
+    pub data_dir: PathBuf,
+    /// Fix what is safe to fix: link counts, listings, sizes, orphans.
+    #[arg(long)]
+    pub repair: bool,
+}

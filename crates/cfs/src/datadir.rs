@@ -1,0 +1,170 @@
+//! The data dir: where one filesystem lives on a node.
+//!
+//! ```text
+//! DIR/meta.redb     metadata (inodes, entries, xattrs)
+//! DIR/flash/        backing files, one per regular file
+//! DIR/control.sock  status socket of the running mount
+//! DIR/cfs.log       daemon log when mounted with --background
+//! DIR/clean         present only after a clean unmount
+//! ```
+
+use anyhow::{Context, Result, bail};
+use cfs_flash::FlashDir;
+use cfs_meta::{FileKind, MetaStore, Op, Timestamp};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    /// The default data dir for filesystem `name`.
+    pub fn default_for(name: &str) -> Result<PathBuf> {
+        if nix::unistd::geteuid().is_root() {
+            return Ok(PathBuf::from("/var/lib/cfs").join(name));
+        }
+        let base = match std::env::var_os("XDG_DATA_HOME") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => match std::env::var_os("HOME") {
+                Some(h) => PathBuf::from(h).join(".local/share"),
+                None => bail!("neither XDG_DATA_HOME nor HOME is set; pass --data-dir"),
+            },
+        };
+        Ok(base.join("cfs").join(name))
+    }
+
+    pub fn new(root: &Path) -> DataDir {
+        DataDir {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn meta_path(&self) -> PathBuf {
+        self.root.join("meta.redb")
+    }
+    pub fn flash_path(&self) -> PathBuf {
+        self.root.join("flash")
+    }
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.join("control.sock")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.root.join("cfs.log")
+    }
+    fn clean_marker(&self) -> PathBuf {
+        self.root.join("clean")
+    }
+
+    /// True if a filesystem was ever created here.
+    pub fn exists(&self) -> bool {
+        self.meta_path().is_file()
+    }
+
+    /// Checks that the data dir can hold a filesystem, creating it if missing.
+    pub fn prepare(&self) -> Result<()> {
+        if self.root.exists() && !self.root.is_dir() {
+            bail!(
+                "data dir {} exists and is not a directory",
+                self.root.display()
+            );
+        }
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create data dir {}", self.root.display()))?;
+        let probe = self.root.join(".cfs-write-test");
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("data dir {} is not writable", self.root.display()))?;
+        let _ = std::fs::remove_file(probe);
+        Ok(())
+    }
+
+    /// Opens (creating on first use) the metadata store and the flash dir.
+    pub fn open(&self) -> Result<(Arc<MetaStore>, FlashDir, bool)> {
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        let (meta, created) = MetaStore::open(&self.meta_path(), Timestamp::now(), uid, gid)
+            .with_context(|| format!("cannot open metadata in {}", self.root.display()))?;
+        let flash = FlashDir::open(&self.flash_path())
+            .with_context(|| format!("cannot open flash dir {}", self.flash_path().display()))?;
+        Ok((Arc::new(meta), flash, created))
+    }
+
+    /// Brings metadata and flash back in step before serving: purges inodes that were
+    /// unlinked while open, and after an unclean stop also removes backing files that no
+    /// committed inode owns and re-reads file sizes from the backing files.
+    pub fn recover(&self, meta: &MetaStore, flash: &FlashDir) -> Result<()> {
+        let clean = self.clean_marker().exists();
+        let _ = std::fs::remove_file(self.clean_marker());
+        let mut purged = 0;
+        for ino in meta.orphans()? {
+            if let cfs_meta::Outcome::Purged(Some(_)) = meta.execute(&Op::Purge { ino })? {
+                flash.remove(ino)?;
+                purged += 1;
+            }
+        }
+        let (mut stray, mut resized) = (0, 0);
+        if !clean {
+            let mut files = std::collections::HashMap::new();
+            meta.for_each_inode(|inode| {
+                if inode.kind == FileKind::File {
+                    files.insert(inode.ino, inode.size);
+                }
+                Ok(())
+            })?;
+            for entry in flash.scan()? {
+                match entry {
+                    Ok((ino, size, _)) => match files.get(&ino) {
+                        None => {
+                            flash.remove(ino)?;
+                            stray += 1;
+                        }
+                        Some(&recorded) if recorded != size => {
+                            let md = flash.metadata(ino)?;
+                            let d = cfs_fuse::DataAttr::from_metadata(&md);
+                            meta.execute(&Op::SyncData {
+                                ino,
+                                size: d.size,
+                                atime: d.atime,
+                                mtime: d.mtime,
+                                ctime: d.ctime,
+                            })?;
+                            resized += 1;
+                        }
+                        Some(_) => {}
+                    },
+                    Err(path) => {
+                        tracing::warn!(path = %path.display(), "unknown file in flash dir left alone")
+                    }
+                }
+            }
+        }
+        meta.sync()?;
+        if purged + stray + resized > 0 || !clean {
+            tracing::info!(
+                clean,
+                purged,
+                stray_backing_files = stray,
+                sizes_updated = resized,
+                "recovery done"
+            );
+        }
+        Ok(())
+    }
+
+    /// Records a clean stop, so the next mount can skip the full scan.
+    pub fn mark_clean(&self) -> Result<()> {
+        std::fs::write(self.clean_marker(), b"")?;
+        Ok(())
+    }
+}
+
+/// True if a process holds the metadata database open (redb takes an exclusive `flock`).
+pub fn is_locked(db: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(db) else {
+        return false;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(_unlocked_on_drop) => false,
+        Err((_, e)) => e == nix::errno::Errno::EWOULDBLOCK,
+    }
+}

@@ -1,0 +1,86 @@
+//! `cfs`: the one ClaudeFS binary. The subcommand picks the role.
+
+mod cli;
+mod control;
+mod datadir;
+mod fsck;
+mod mount;
+mod mounts;
+mod status;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn umount(mountpoint: &std::path::Path) -> anyhow::Result<()> {
+    let Some(m) = mounts::mount_at(mountpoint) else {
+        anyhow::bail!("{} is not mounted", mountpoint.display());
+    };
+    if !m.is_cfs() {
+        anyhow::bail!(
+            "{} is a {} mount, not ClaudeFS",
+            mountpoint.display(),
+            m.fstype
+        );
+    }
+    nix::mount::umount(&m.mountpoint).map_err(|e| match e {
+        nix::errno::Errno::EBUSY => anyhow::anyhow!(
+            "{} is busy: close the files and shells using it, then retry",
+            mountpoint.display()
+        ),
+        e => anyhow::anyhow!("cannot unmount {}: {e}", mountpoint.display()),
+    })?;
+    // The daemon notices the unmount and exits after its final sync; wait briefly for it so
+    // that a following command sees the data dir free.
+    let db = datadir::DataDir::new(std::path::Path::new(&m.source)).meta_path();
+    for _ in 0..200 {
+        if !datadir::is_locked(&db) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    mount::set_verbosity(cli.verbose);
+    let result = match cli.command {
+        Command::Mount(args) => mount::run(args),
+        Command::Umount(args) => umount(&args.mountpoint),
+        Command::Status(args) => status::run(&args.target, args.json),
+        Command::Fsck(args) => fsck::run(&args.data_dir, args.repair),
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) => {
+            // One line: the error and its causes.
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("cfs: error: {msg}");
+            let code = e
+                .downcast_ref::<fsck::FsckFailed>()
+                .map(|f| f.exit_code)
+                .unwrap_or(1);
+            std::process::exit(code);
+        }
+    }
+}

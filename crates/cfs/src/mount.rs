@@ -1,0 +1,271 @@
+//! `cfs mount`: check everything that can be checked before touching anything, then mount and
+//! serve until unmounted or signalled.
+
+use crate::cli::MountArgs;
+use crate::datadir::DataDir;
+use anyhow::{Context, Result, bail};
+use cfs_fuse::{ClaudeFs, FsOptions};
+use fuser::{Config, MountOption, SessionACL};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Environment variable through which `--background` hands the daemon its readiness pipe.
+const READY_FD_ENV: &str = "CFS_READY_FD";
+
+/// Refuses a mountpoint that cannot work, before anything is created.
+fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
+    let md = std::fs::metadata(mountpoint).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!("mountpoint {} does not exist", mountpoint.display())
+        }
+        _ => anyhow::anyhow!("cannot use mountpoint {}: {e}", mountpoint.display()),
+    })?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    let canonical = std::fs::canonicalize(mountpoint)?;
+    if let Some(m) = crate::mounts::mount_at(&canonical) {
+        bail!(
+            "{} is already mounted ({} from {})",
+            canonical.display(),
+            m.fstype,
+            m.source
+        );
+    }
+    Ok(canonical)
+}
+
+fn check_dev_fuse() -> Result<()> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "/dev/fuse is missing: load the fuse module (modprobe fuse) or run with --device /dev/fuse"
+            )
+        }
+        Err(e) => bail!("cannot open /dev/fuse: {e}"),
+    }
+}
+
+/// True if this process may register passthrough backing files (CAP_SYS_ADMIN).
+fn may_passthrough() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn resolve_data_dir(args: &MountArgs) -> Result<PathBuf> {
+    let dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => DataDir::default_for(&args.name)?,
+    };
+    Ok(std::path::absolute(&dir)?)
+}
+
+pub fn run(args: MountArgs) -> Result<()> {
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    check_dev_fuse()?;
+    if !(args.attr_ttl.is_finite()
+        && args.attr_ttl >= 0.0
+        && args.entry_ttl.is_finite()
+        && args.entry_ttl >= 0.0)
+    {
+        bail!("--attr-ttl and --entry-ttl must be non-negative numbers of seconds");
+    }
+    if args.threads == 0 || args.threads > 256 {
+        bail!("--threads must be between 1 and 256");
+    }
+    let data_dir = resolve_data_dir(&args)?;
+    if args.background {
+        return spawn_background(&args, &data_dir, &mountpoint);
+    }
+    serve(&args, &data_dir, &mountpoint)
+}
+
+/// Runs the mount in this process until it is unmounted or signalled.
+fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
+    let dir = DataDir::new(data_dir);
+    dir.prepare()?;
+    let (meta, flash, created) = dir.open()?;
+    if created {
+        tracing::info!(data_dir = %data_dir.display(), fs_id = meta.fs_id(), "created a new filesystem");
+    }
+    dir.recover(&meta, &flash)?;
+
+    let mut passthrough = !args.no_passthrough;
+    if passthrough && !may_passthrough() {
+        tracing::warn!("passthrough needs root (CAP_SYS_ADMIN); serving I/O through the daemon");
+        passthrough = false;
+    }
+    let opts = FsOptions {
+        passthrough,
+        attr_ttl: Duration::from_secs_f64(args.attr_ttl),
+        entry_ttl: Duration::from_secs_f64(args.entry_ttl),
+    };
+    let fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
+    let ready_fd = take_ready_fd();
+    fs.on_init(move |pt| {
+        if let Some(fd) = ready_fd {
+            let mut f = std::fs::File::from(fd);
+            let _ = writeln!(f, "ready passthrough={pt}");
+        }
+    });
+
+    let mut options = vec![
+        MountOption::FSName(data_dir.display().to_string()),
+        MountOption::Subtype("cfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Suid,
+        MountOption::Dev,
+    ];
+    if args.read_only {
+        options.push(MountOption::RO);
+    } else {
+        options.push(MountOption::RW);
+    }
+    let mut config = Config::default();
+    config.mount_options = options;
+    config.acl = if args.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(args.threads);
+    config.clone_fd = true;
+
+    let live = fs.live();
+    let mut session = fuser::Session::new(fs, mountpoint, &config)
+        .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
+    tracing::info!(mountpoint = %mountpoint.display(), data_dir = %data_dir.display(), "mounted");
+    crate::control::serve(
+        &dir.socket_path(),
+        live,
+        Arc::clone(&meta),
+        data_dir.to_path_buf(),
+        mountpoint.to_path_buf(),
+    )?;
+
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let sig_mountpoint = mountpoint.to_path_buf();
+    std::thread::Builder::new().name("cfs-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, mountpoint = %sig_mountpoint.display(), "unmounting on signal");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        }
+    })?;
+
+    let result = session.run();
+    let _ = std::fs::remove_file(dir.socket_path());
+    meta.sync().context("final metadata sync")?;
+    if let Err(e) = result {
+        bail!("FUSE session ended with an error: {e}");
+    }
+    dir.mark_clean()?;
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted cleanly");
+    Ok(())
+}
+
+fn take_ready_fd() -> Option<OwnedFd> {
+    let raw: i32 = std::env::var(READY_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: the launcher opened this fd for us and passed its number in READY_FD_ENV; no
+    // other code in this process knows or closes it, and the variable is removed so that it
+    // is adopted only once.
+    unsafe { std::env::remove_var(READY_FD_ENV) };
+    // SAFETY: as above, the fd is open and owned by nobody else in this process.
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Re-runs `cfs mount` as a detached daemon and waits until its mount is ready.
+fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
+    let dir = DataDir::new(data_dir);
+    dir.prepare()?;
+    let log_path = dir.log_path();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open log {}", log_path.display()))?;
+    let (read_end, write_end) = nix::unistd::pipe().context("pipe")?;
+    // The read end must not leak into the daemon; the write end must.
+    nix::fcntl::fcntl(
+        &read_end,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    nix::fcntl::fcntl(
+        &write_end,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    for _ in 0..args_verbosity() {
+        cmd.arg("-v");
+    }
+    cmd.arg("mount")
+        .arg(mountpoint)
+        .arg("--data-dir")
+        .arg(data_dir);
+    cmd.arg("--attr-ttl").arg(args.attr_ttl.to_string());
+    cmd.arg("--entry-ttl").arg(args.entry_ttl.to_string());
+    cmd.arg("--threads").arg(args.threads.to_string());
+    for (flag, on) in [
+        ("--no-passthrough", args.no_passthrough),
+        ("--read-only", args.read_only),
+        ("--allow-other", args.allow_other),
+    ] {
+        if on {
+            cmd.arg(flag);
+        }
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    cmd.env(READY_FD_ENV, write_end.as_raw_fd().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn().context("cannot start the mount daemon")?;
+    drop(write_end);
+    let mut answer = String::new();
+    let _ = std::fs::File::from(read_end).read_to_string(&mut answer);
+    if answer.starts_with("ready") {
+        println!(
+            "mounted {} (data dir {}, pid {}, {}, log {})",
+            mountpoint.display(),
+            data_dir.display(),
+            child.id(),
+            answer.trim().replace("ready ", ""),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let status = child.wait()?;
+    let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last_error = tail
+        .lines()
+        .rev()
+        .find(|l| l.contains("error"))
+        .unwrap_or("")
+        .to_string();
+    bail!("the mount daemon exited ({status}) before the mount was ready. {last_error}");
+}
+
+static VERBOSITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+pub fn set_verbosity(v: u8) {
+    VERBOSITY.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn args_verbosity() -> u8 {
+    VERBOSITY.load(std::sync::atomic::Ordering::Relaxed)
+}

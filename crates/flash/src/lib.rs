@@ -1,0 +1,169 @@
+//! The flash layer: each regular file a node holds has one backing file here, with the file's
+//! bytes at their true offsets, sparse where absent. FUSE passthrough hands the kernel an fd
+//! of this file, so reads, writes and mmap never reach the daemon.
+//!
+//! Backing files are named by inode number and spread over 256 subdirectories so that no one
+//! directory grows huge. They are owned by the daemon and mode 0600: all access control is on
+//! the ClaudeFS inode, never on the backing file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Inode numbers, as the metadata layer hands them out.
+pub type Ino = u64;
+
+/// The backing-file directory of one node.
+#[derive(Debug, Clone)]
+pub struct FlashDir {
+    root: PathBuf,
+}
+
+/// Capacity of the filesystem the flash directory lives on, as `statvfs` reports it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capacity {
+    pub block_size: u64,
+    pub blocks: u64,
+    pub blocks_free: u64,
+    pub blocks_avail: u64,
+    pub files: u64,
+    pub files_free: u64,
+}
+
+impl FlashDir {
+    /// Opens (creating if needed) the flash directory `root`.
+    pub fn open(root: &Path) -> io::Result<FlashDir> {
+        fs::create_dir_all(root)?;
+        for shard in 0..256u32 {
+            let dir = root.join(format!("{shard:02x}"));
+            if !dir.exists() {
+                fs::create_dir(&dir)?;
+            }
+        }
+        Ok(FlashDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, ino: Ino) -> PathBuf {
+        self.root
+            .join(format!("{:02x}", ino & 0xff))
+            .join(format!("{ino:016x}"))
+    }
+
+    /// Creates the backing file of a new inode. Fails if it already exists.
+    pub fn create(&self, ino: Ino) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(self.path(ino))
+    }
+
+    /// Opens an existing backing file for reading and writing. The daemon always opens both
+    /// ways: the kernel has already checked the caller's access mode on the ClaudeFS file, and
+    /// the writeback cache needs to read pages of files opened write-only.
+    pub fn open_rw(&self, ino: Ino) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(self.path(ino))
+    }
+
+    /// Opens the backing file, creating it empty if it is missing. For an inode whose
+    /// metadata is committed, a missing backing file means it was never written.
+    pub fn open_or_create(&self, ino: Ino) -> io::Result<File> {
+        match self.open_rw(ino) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.create(ino) {
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => self.open_rw(ino),
+                other => other,
+            },
+            other => other,
+        }
+    }
+
+    pub fn remove(&self, ino: Ino) -> io::Result<()> {
+        match fs::remove_file(self.path(ino)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    pub fn metadata(&self, ino: Ino) -> io::Result<fs::Metadata> {
+        fs::metadata(self.path(ino))
+    }
+
+    /// Every backing file present, with its size and allocated bytes. Files whose names are
+    /// not ours are returned as `Err(path)` so fsck can report them.
+    pub fn scan(&self) -> io::Result<Vec<Result<(Ino, u64, u64), PathBuf>>> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&self.root)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                out.push(Err(shard.path()));
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                let name = entry.file_name();
+                match name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) {
+                    Some(ino) if n_ok(&name, ino) => {
+                        let md = entry.metadata()?;
+                        out.push(Ok((ino, md.len(), md.blocks() * 512)));
+                    }
+                    _ => out.push(Err(entry.path())),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The capacity of the filesystem under the flash directory.
+    pub fn capacity(&self) -> io::Result<Capacity> {
+        let st = nix::sys::statvfs::statvfs(&self.root).map_err(io::Error::from)?;
+        Ok(Capacity {
+            block_size: st.fragment_size() as u64,
+            blocks: st.blocks() as u64,
+            blocks_free: st.blocks_free() as u64,
+            blocks_avail: st.blocks_available() as u64,
+            files: st.files() as u64,
+            files_free: st.files_free() as u64,
+        })
+    }
+}
+
+/// True if `name` is the canonical spelling of `ino`, so stray files are never mistaken
+/// for backing files.
+fn n_ok(name: &std::ffi::OsStr, ino: Ino) -> bool {
+    name.to_str() == Some(format!("{ino:016x}").as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_open_scan_remove() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flash = FlashDir::open(dir.path()).expect("open");
+        let f = flash.create(42).expect("create");
+        f.set_len(10).expect("set_len");
+        assert!(flash.create(42).is_err(), "create must be exclusive");
+        fs::write(flash.root().join("00").join("junk"), b"x").expect("junk");
+        let scan = flash.scan().expect("scan");
+        assert!(scan.contains(&Ok((42, 10, 0))));
+        assert_eq!(scan.iter().filter(|r| r.is_err()).count(), 1);
+        flash.remove(42).expect("remove");
+        flash.remove(42).expect("remove twice is fine");
+        assert!(flash.open_rw(42).is_err());
+        assert!(flash.open_or_create(42).is_ok());
+    }
+}

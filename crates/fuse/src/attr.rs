@@ -1,0 +1,86 @@
+//! Building the attributes the kernel sees.
+//!
+//! For a regular file, data writes go straight to the backing file (passthrough) without the
+//! daemon seeing them, so size, blocks, atime and mtime come from the backing file; ctime is
+//! the later of the backing file's and the inode's, since both metadata changes and data
+//! writes move it.
+
+use cfs_flash::FlashDir;
+use cfs_meta::{FileKind, Inode, Timestamp};
+use fuser::{FileAttr, FileType, INodeNo};
+use std::os::unix::fs::MetadataExt;
+
+pub fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDev => FileType::CharDevice,
+        FileKind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+/// The data-side attributes of a regular file, read from its backing file.
+#[derive(Clone, Copy, Debug)]
+pub struct DataAttr {
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+impl DataAttr {
+    pub fn from_metadata(md: &std::fs::Metadata) -> DataAttr {
+        let ts = |secs: i64, nanos: i64| Timestamp {
+            secs,
+            nanos: nanos.clamp(0, 999_999_999) as u32,
+        };
+        DataAttr {
+            size: md.len(),
+            blocks: md.blocks(),
+            atime: ts(md.atime(), md.atime_nsec()),
+            mtime: ts(md.mtime(), md.mtime_nsec()),
+            ctime: ts(md.ctime(), md.ctime_nsec()),
+        }
+    }
+
+    pub fn read(flash: &FlashDir, ino: u64) -> Option<DataAttr> {
+        flash
+            .metadata(ino)
+            .ok()
+            .map(|md| DataAttr::from_metadata(&md))
+    }
+}
+
+pub fn to_file_attr(inode: &Inode, data: Option<DataAttr>) -> FileAttr {
+    let (size, blocks, atime, mtime, ctime) = match (inode.kind, data) {
+        (FileKind::File, Some(d)) => (d.size, d.blocks, d.atime, d.mtime, d.ctime.max(inode.ctime)),
+        _ => (
+            inode.size,
+            inode.size.div_ceil(512),
+            inode.atime,
+            inode.mtime,
+            inode.ctime,
+        ),
+    };
+    FileAttr {
+        ino: INodeNo(inode.ino),
+        size,
+        blocks,
+        atime: atime.to_system_time(),
+        mtime: mtime.to_system_time(),
+        ctime: ctime.to_system_time(),
+        crtime: inode.crtime.to_system_time(),
+        kind: file_type(inode.kind),
+        perm: (inode.perm & 0o7777) as u16,
+        nlink: inode.nlink,
+        uid: inode.uid,
+        gid: inode.gid,
+        rdev: inode.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}

@@ -1,0 +1,140 @@
+//! The filesystem object shared by all FUSE worker threads, and its non-FUSE entry points.
+
+use crate::attr::{DataAttr, to_file_attr};
+use crate::errno::FsResult;
+use crate::handles::Handles;
+use cfs_flash::FlashDir;
+use cfs_meta::{FileKind, Inode, MetaStore, Op, Outcome};
+use fuser::FileAttr;
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Mount-time choices that change how requests are served.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Hand the kernel backing fds, if it supports passthrough.
+    pub passthrough: bool,
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            passthrough: true,
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a running mount reports to `cfs status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsStatus {
+    pub passthrough_active: bool,
+    pub open_handles: usize,
+    pub passthrough_opens: u64,
+    pub daemon_opens: u64,
+}
+
+/// The state of a running mount that others (the control socket) may read while the FUSE
+/// session owns the filesystem.
+#[derive(Default)]
+pub struct Live {
+    /// Decided at `init`, and turned off for good if the kernel refuses a backing fd.
+    pub(crate) passthrough: AtomicBool,
+    pub(crate) handles: Handles,
+    pub(crate) passthrough_opens: AtomicU64,
+    pub(crate) daemon_opens: AtomicU64,
+}
+
+impl Live {
+    pub fn status(&self) -> FsStatus {
+        FsStatus {
+            passthrough_active: self.passthrough.load(Ordering::Relaxed),
+            open_handles: self.handles.count(),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
+            daemon_opens: self.daemon_opens.load(Ordering::Relaxed),
+        }
+    }
+}
+
+pub struct ClaudeFs {
+    pub(crate) meta: Arc<MetaStore>,
+    pub(crate) flash: FlashDir,
+    pub(crate) opts: FsOptions,
+    pub(crate) live: Arc<Live>,
+    /// Called once `init` has been answered, to tell the launcher the mount is ready.
+    pub(crate) on_init: parking_lot::Mutex<Option<Box<dyn FnOnce(bool) + Send>>>,
+}
+
+impl ClaudeFs {
+    pub fn new(meta: Arc<MetaStore>, flash: FlashDir, opts: FsOptions) -> ClaudeFs {
+        ClaudeFs {
+            meta,
+            flash,
+            opts,
+            live: Arc::new(Live::default()),
+            on_init: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Registers `f`, called with whether passthrough is active once the kernel handshake is
+    /// done.
+    pub fn on_init(&self, f: impl FnOnce(bool) + Send + 'static) {
+        *self.on_init.lock() = Some(Box::new(f));
+    }
+
+    /// A handle on the live state that stays valid after the session takes the filesystem.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live)
+    }
+
+    pub(crate) fn attr_of(&self, inode: &Inode) -> FileAttr {
+        let data = if inode.kind == FileKind::File {
+            DataAttr::read(&self.flash, inode.ino)
+        } else {
+            None
+        };
+        to_file_attr(inode, data)
+    }
+
+    pub(crate) fn inode_outcome(outcome: Outcome) -> FsResult<Inode> {
+        match outcome {
+            Outcome::Inode(inode) => Ok(inode),
+            _ => Err(crate::FsError::Errno(fuser::Errno::EIO)),
+        }
+    }
+
+    /// Brings the inode's recorded size and times up to the backing file's.
+    pub(crate) fn sync_data_attr(&self, ino: u64) -> FsResult<()> {
+        if let Some(d) = DataAttr::read(&self.flash, ino) {
+            match self.meta.execute(&Op::SyncData {
+                ino,
+                size: d.size,
+                atime: d.atime,
+                mtime: d.mtime,
+                ctime: d.ctime,
+            }) {
+                Ok(_) | Err(cfs_meta::MetaError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an inode whose last link is gone, once nothing references it.
+    pub(crate) fn purge(&self, ino: u64) {
+        match self.meta.execute(&Op::Purge { ino }) {
+            Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
+                if let Err(e) = self.flash.remove(ino) {
+                    tracing::warn!(ino, error = %e, "could not remove backing file of purged inode");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(ino, error = %e, "purge failed; recovery will retry"),
+        }
+    }
+}

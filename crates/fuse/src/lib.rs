@@ -1,0 +1,14 @@
+//! ClaudeFS's kernel interface. Each FUSE method is a thin translation from the kernel's
+//! request to a metadata operation or a backing-file call, and back to a reply; the logic
+//! lives in `cfs-meta` and `cfs-flash`, where it is tested without a mount.
+
+mod attr;
+mod caller;
+mod errno;
+mod fs;
+mod handles;
+mod ops;
+
+pub use attr::DataAttr;
+pub use errno::{FsError, FsResult, from_io, from_meta};
+pub use fs::{ClaudeFs, FsOptions, FsStatus, Live};

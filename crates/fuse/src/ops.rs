@@ -1,0 +1,913 @@
+//! `fuser::Filesystem` for ClaudeFS: each method turns the kernel's request into a call on the
+//! layers below and the result into a reply.
+
+use crate::caller::{caller, caller_with_groups};
+use crate::errno::{FsError, FsResult};
+use crate::fs::ClaudeFs;
+use cfs_meta::{FileKind, Inode, Op, Outcome, RenameMode, SetAttr, Timestamp, XattrMode, acl};
+use fuser::{
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn time_or_now(t: TimeOrNow) -> Timestamp {
+    match t {
+        TimeOrNow::SpecificTime(t) => Timestamp::from(t),
+        TimeOrNow::Now => now(),
+    }
+}
+
+/// Sends `r` as an error reply, logging it if it is not a routine one.
+fn fail(op: &str, e: FsError) -> Errno {
+    if e.is_unexpected() {
+        tracing::warn!(op, error = ?e, "request failed");
+    } else {
+        tracing::trace!(op, error = ?e, "request failed");
+    }
+    e.errno()
+}
+
+impl ClaudeFs {
+    fn entry(&self, reply: ReplyEntry, op: &str, r: FsResult<Inode>) {
+        match r {
+            Ok(inode) => reply.entry(&self.opts.entry_ttl, &self.attr_of(&inode), Generation(0)),
+            Err(e) => reply.error(fail(op, e)),
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, op: &str, r: FsResult<()>) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(op, e)),
+        }
+    }
+
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        target: &[u8],
+    ) -> FsResult<(Inode, Option<std::fs::File>)> {
+        let ino = self.meta.alloc_ino();
+        let file = if kind == FileKind::File {
+            Some(self.flash.create(ino)?)
+        } else {
+            None
+        };
+        let caller = if mode & 0o2000 != 0 {
+            caller_with_groups(req)
+        } else {
+            caller(req)
+        };
+        let op = Op::Create {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            ino,
+            kind,
+            perm: mode & 0o7777,
+            umask,
+            rdev,
+            target: target.to_vec(),
+            caller,
+            now: now(),
+        };
+        match self.meta.execute(&op) {
+            Ok(outcome) => Ok((Self::inode_outcome(outcome)?, file)),
+            Err(e) => {
+                if file.is_some() {
+                    let _ = self.flash.remove(ino);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn removed(&self, outcome: Outcome) {
+        // The inode itself stays until the kernel forgets it (open files keep using it).
+        if let Outcome::Removed {
+            orphaned: Some(ino),
+        } = outcome
+        {
+            tracing::trace!(ino, "last link removed");
+        }
+    }
+
+    fn open_file(
+        &self,
+        ino: u64,
+        flags: i32,
+        file: Option<std::fs::File>,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
+    ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
+        let file = match file {
+            Some(f) => f,
+            None => self.flash.open_or_create(ino)?,
+        };
+        let mut backing = None;
+        if self.live.passthrough.load(Ordering::Relaxed) {
+            match self.live.handles.backing_id(ino, || register(&file)) {
+                Ok(id) => backing = Some(id),
+                Err(e) => {
+                    if self.live.passthrough.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "kernel refused a passthrough backing file; serving I/O through the daemon from now on");
+                    }
+                }
+            }
+        }
+        if backing.is_some() {
+            self.live.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.live.daemon_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let fh = self.live.handles.insert(crate::handles::Handle {
+            ino,
+            file,
+            writable,
+            written: Default::default(),
+            backing: backing.clone(),
+        });
+        Ok((fh, backing))
+    }
+
+    fn handle(&self, fh: FileHandle) -> FsResult<std::sync::Arc<crate::handles::Handle>> {
+        self.live
+            .handles
+            .get(fh.0)
+            .ok_or(FsError::Errno(Errno::EBADF))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn do_setattr(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> FsResult<Inode> {
+        let attr = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(time_or_now),
+            mtime: mtime.map(time_or_now),
+        };
+        let inode = Self::inode_outcome(self.meta.execute(&Op::SetAttr {
+            ino: ino.0,
+            attr: attr.clone(),
+            now: now(),
+        })?)?;
+        if inode.kind == FileKind::File
+            && (attr.size.is_some() || attr.atime.is_some() || attr.mtime.is_some())
+        {
+            let handle = fh.and_then(|fh| self.live.handles.get(fh.0));
+            let owned;
+            let file = match &handle {
+                Some(h) => &h.file,
+                None => {
+                    owned = self.flash.open_or_create(ino.0)?;
+                    &owned
+                }
+            };
+            if let Some(size) = attr.size {
+                file.set_len(size)?;
+            }
+            if attr.atime.is_some() || attr.mtime.is_some() {
+                let spec = |t: Option<Timestamp>| match t {
+                    Some(t) => nix::sys::time::TimeSpec::new(t.secs, i64::from(t.nanos)),
+                    None => nix::sys::time::TimeSpec::UTIME_OMIT,
+                };
+                nix::sys::stat::futimens(file, &spec(attr.atime), &spec(attr.mtime))?;
+            }
+        }
+        Ok(inode)
+    }
+
+    fn do_readdir(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileKind, &[u8], Option<&Inode>) -> bool,
+        plus: bool,
+    ) -> FsResult<()> {
+        let dir = self.meta.inode(ino.0)?;
+        if dir.kind != FileKind::Dir {
+            return Err(FsError::Errno(Errno::ENOTDIR));
+        }
+        if offset < 1 && add(dir.ino, 1, FileKind::Dir, b".", plus.then_some(&dir)) {
+            return Ok(());
+        }
+        if offset < 2 {
+            let parent = if plus {
+                Some(self.meta.inode(dir.parent)?)
+            } else {
+                None
+            };
+            if add(dir.parent, 2, FileKind::Dir, b"..", parent.as_ref()) {
+                return Ok(());
+            }
+        }
+        let mut after = offset.max(2);
+        loop {
+            let batch = self.meta.readdir(ino.0, after, 128, plus)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for (entry, inode) in &batch {
+                if plus && inode.is_none() {
+                    continue;
+                }
+                if add(
+                    entry.ino,
+                    entry.cookie,
+                    entry.kind,
+                    &entry.name,
+                    inode.as_ref(),
+                ) {
+                    return Ok(());
+                }
+                after = entry.cookie;
+            }
+        }
+    }
+}
+
+impl Filesystem for ClaudeFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let mut passthrough = false;
+        if self.opts.passthrough {
+            if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+                passthrough = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                    && config.set_max_stack_depth(2).is_ok();
+            }
+            if !passthrough {
+                tracing::warn!(
+                    "the kernel does not offer FUSE passthrough; serving I/O through the daemon"
+                );
+            }
+        }
+        // Everything below is an optimisation or a feature the kernel may lack; a refusal
+        // only means doing without.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_POSIX_ACL
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_ASYNC_DIO
+            | InitFlags::FUSE_MAX_PAGES;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        if !passthrough
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_WRITEBACK_CACHE)
+        {
+            let _ = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_time_granularity(std::time::Duration::from_nanos(1));
+        self.live.passthrough.store(passthrough, Ordering::Relaxed);
+        tracing::info!(passthrough, "kernel handshake done");
+        if let Some(f) = self.on_init.lock().take() {
+            f(passthrough);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.meta.sync() {
+            tracing::error!(error = %e, "final metadata sync failed");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self
+            .meta
+            .lookup(parent.0, name.as_bytes())
+            .map_err(Into::into);
+        self.entry(reply, "lookup", r);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // The kernel forgets an inode only when it drops it, so an unlinked inode is now
+        // unreferenced; a linked one is left alone by `Purge`.
+        if let Ok(inode) = self.meta.inode(ino.0) {
+            if inode.nlink == 0 {
+                self.purge(ino.0);
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.meta.inode(ino.0) {
+            Ok(inode) => reply.attr(&self.opts.attr_ttl, &self.attr_of(&inode)),
+            Err(e) => reply.error(fail("getattr", e.into())),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(inode) => reply.attr(&self.opts.attr_ttl, &self.attr_of(&inode)),
+            Err(e) => reply.error(fail("setattr", e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.meta.inode(ino.0) {
+            Ok(inode) if inode.kind == FileKind::Symlink => reply.data(&inode.target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(fail("readlink", e.into())),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(kind) =
+            FileKind::from_mode(mode).filter(|k| *k != FileKind::Dir && *k != FileKind::Symlink)
+        else {
+            return reply.error(Errno::EINVAL);
+        };
+        let r = self
+            .create_node(req, parent, name, kind, mode, umask, rdev, b"")
+            .map(|(inode, _)| inode);
+        self.entry(reply, "mknod", r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .create_node(req, parent, name, FileKind::Dir, mode, umask, 0, b"")
+            .map(|(inode, _)| inode);
+        self.entry(reply, "mkdir", r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.meta.execute(&Op::Unlink {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            now: now(),
+        });
+        Self::empty(
+            reply,
+            "unlink",
+            r.map(|o| self.removed(o)).map_err(Into::into),
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.meta.execute(&Op::Rmdir {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            now: now(),
+        });
+        Self::empty(
+            reply,
+            "rmdir",
+            r.map(|o| self.removed(o)).map_err(Into::into),
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .create_node(
+                req,
+                parent,
+                link_name,
+                FileKind::Symlink,
+                0o777,
+                0,
+                0,
+                target.as_os_str().as_bytes(),
+            )
+            .map(|(inode, _)| inode);
+        self.entry(reply, "symlink", r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            return reply.error(Errno::EINVAL);
+        } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else {
+            RenameMode::Replace
+        };
+        let r = self.meta.execute(&Op::Rename {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            new_parent: newparent.0,
+            new_name: newname.as_bytes().to_vec(),
+            mode,
+            now: now(),
+        });
+        Self::empty(
+            reply,
+            "rename",
+            r.map(|o| self.removed(o)).map_err(Into::into),
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self
+            .meta
+            .execute(&Op::Link {
+                ino: ino.0,
+                parent: newparent.0,
+                name: newname.as_bytes().to_vec(),
+                now: now(),
+            })
+            .map_err(Into::into)
+            .and_then(Self::inode_outcome);
+        self.entry(reply, "link", r);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let r = self.open_file(ino.0, flags.0, None, |f| reply.open_backing(f));
+        match r {
+            Ok((fh, Some(id))) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            }
+            Ok((fh, None)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(fail("open", e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let r = self.handle(fh).and_then(|h| {
+            let mut buf = vec![0u8; size as usize];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = std::os::unix::fs::FileExt::read_at(
+                    &h.file,
+                    &mut buf[filled..],
+                    offset + filled as u64,
+                )?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        });
+        match r {
+            Ok(buf) => reply.data(&buf),
+            Err(e) => reply.error(fail("read", e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let r = self.handle(fh).and_then(|h| {
+            std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)?;
+            h.written.store(true, Ordering::Relaxed);
+            Ok(())
+        });
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(fail("write", e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = match self.live.handles.remove(fh.0) {
+            Some(h) if h.writable => self.sync_data_attr(ino.0),
+            _ => Ok(()),
+        };
+        Self::empty(reply, "release", r);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = (|| -> FsResult<()> {
+            let h = self.handle(fh)?;
+            if datasync {
+                h.file.sync_data()?;
+            } else {
+                h.file.sync_all()?;
+            }
+            self.sync_data_attr(ino.0)?;
+            self.meta.sync()?;
+            Ok(())
+        })();
+        Self::empty(reply, "fsync", r);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.meta.inode(ino.0) {
+            Ok(inode) if inode.kind == FileKind::Dir => {
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(fail("opendir", e.into())),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = self.do_readdir(
+            ino,
+            offset,
+            |ino, cookie, kind, name, _| {
+                reply.add(
+                    INodeNo(ino),
+                    cookie,
+                    crate::attr::file_type(kind),
+                    OsStr::from_bytes(name),
+                )
+            },
+            false,
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("readdir", e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let ttl = self.opts.entry_ttl;
+        let r = self.do_readdir(
+            ino,
+            offset,
+            |ino, cookie, _kind, name, inode| match inode {
+                Some(inode) => reply.add(
+                    INodeNo(ino),
+                    cookie,
+                    OsStr::from_bytes(name),
+                    &ttl,
+                    &self.attr_of(inode),
+                    Generation(0),
+                ),
+                None => false,
+            },
+            true,
+        );
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail("readdirplus", e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, "fsyncdir", self.meta.sync().map_err(Into::into));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.flash.capacity() {
+            Ok(c) => reply.statfs(
+                c.blocks,
+                c.blocks_free,
+                c.blocks_avail,
+                c.files,
+                c.files_free,
+                c.block_size as u32,
+                cfs_meta::NAME_MAX as u32,
+                c.block_size as u32,
+            ),
+            Err(e) => reply.error(fail("statfs", e.into())),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mode = if flags & libc::XATTR_CREATE != 0 {
+            XattrMode::Create
+        } else if flags & libc::XATTR_REPLACE != 0 {
+            XattrMode::Replace
+        } else {
+            XattrMode::Upsert
+        };
+        let caller = if name.as_bytes() == acl::ACCESS_XATTR {
+            caller_with_groups(req)
+        } else {
+            caller(req)
+        };
+        let r = self.meta.execute(&Op::SetXattr {
+            ino: ino.0,
+            name: name.as_bytes().to_vec(),
+            value: value.to_vec(),
+            mode,
+            caller,
+            now: now(),
+        });
+        Self::empty(reply, "setxattr", r.map(|_| ()).map_err(Into::into));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.meta.xattr(ino.0, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(v) => reply.data(&v),
+            Err(e) => reply.error(fail("getxattr", e.into())),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.meta.xattr_names(ino.0) {
+            Ok(names) => {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(&n);
+                    buf.push(0);
+                }
+                if size == 0 {
+                    reply.size(buf.len() as u32)
+                } else if buf.len() > size as usize {
+                    reply.error(Errno::ERANGE)
+                } else {
+                    reply.data(&buf)
+                }
+            }
+            Err(e) => reply.error(fail("listxattr", e.into())),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let r = self.meta.execute(&Op::RemoveXattr {
+            ino: ino.0,
+            name: name.as_bytes().to_vec(),
+            now: now(),
+        });
+        Self::empty(reply, "removexattr", r.map(|_| ()).map_err(Into::into));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel has already checked; this only confirms the
+        // inode still exists.
+        Self::empty(
+            reply,
+            "access",
+            self.meta.inode(ino.0).map(|_| ()).map_err(Into::into),
+        );
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self
+            .create_node(req, parent, name, FileKind::File, mode, umask, 0, b"")
+            .and_then(|(inode, file)| {
+                let (fh, id) = self.open_file(inode.ino, flags, file, |f| reply.open_backing(f))?;
+                Ok((inode, fh, id))
+            });
+        match r {
+            Ok((inode, fh, Some(id))) => reply.created_passthrough(
+                &self.opts.entry_ttl,
+                &self.attr_of(&inode),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+                &id,
+            ),
+            Ok((inode, fh, None)) => reply.created(
+                &self.opts.entry_ttl,
+                &self.attr_of(&inode),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(fail("create", e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.handle(fh).and_then(|h| {
+            nix::fcntl::fallocate(
+                &h.file,
+                nix::fcntl::FallocateFlags::from_bits_retain(mode),
+                offset as i64,
+                length as i64,
+            )?;
+            Ok(())
+        });
+        Self::empty(reply, "fallocate", r);
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let r = self.handle(fh).and_then(|h| {
+            let whence = match whence {
+                libc::SEEK_DATA => nix::unistd::Whence::SeekData,
+                libc::SEEK_HOLE => nix::unistd::Whence::SeekHole,
+                libc::SEEK_SET => nix::unistd::Whence::SeekSet,
+                libc::SEEK_END => nix::unistd::Whence::SeekEnd,
+                _ => return Err(FsError::Errno(Errno::EINVAL)),
+            };
+            Ok(nix::unistd::lseek(&h.file, offset, whence)?)
+        });
+        match r {
+            Ok(off) => reply.offset(off),
+            Err(e) => reply.error(fail("lseek", e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        // Server-side copy between backing files: the kernel clones or copies extents, and
+        // the bytes never pass through the daemon.
+        let r = self.handle(fh_in).and_then(|src| {
+            let dst = self.handle(fh_out)?;
+            let mut off_in = offset_in as i64;
+            let mut off_out = offset_out as i64;
+            let len = len.min(u64::from(u32::MAX) & !0xfff) as usize;
+            let n = nix::fcntl::copy_file_range(
+                &src.file,
+                Some(&mut off_in),
+                &dst.file,
+                Some(&mut off_out),
+                len,
+            )?;
+            dst.written.store(true, Ordering::Relaxed);
+            Ok(n)
+        });
+        match r {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(fail("copy_file_range", e)),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! ClaudeFS metadata: inodes, directory entries and xattrs, changed only by applying
+//! [`Op`]s through a deterministic state machine, stored in redb.
+//!
+//! On one node the store applies operations directly with group commit; in a cluster the same
+//! operations are ordered by Raft first. Reads go straight to redb's MVCC snapshots and never
+//! wait for writers.
+
+pub mod acl;
+mod apply;
+mod error;
+mod op;
+mod repair;
+mod store;
+mod tables;
+mod types;
+
+pub use apply::XATTR_SIZE_MAX;
+pub use error::{MetaError, Result};
+pub use op::{Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
+pub use repair::Repair;
+pub use store::{FORMAT_VERSION, MetaCounts, MetaStore};
+pub use types::*;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! Metadata operations: the only way metadata changes.
+//!
+//! An operation carries everything its result depends on (the new inode number, the time, the
+//! caller), so applying the same sequence of operations to the same state always gives the
+//! same state. That is what lets one log of operations drive a single node directly, a Raft
+//! group, and cross-site replication alike.
+
+use crate::{FileKind, Ino, Timestamp};
+use serde::{Deserialize, Serialize};
+
+/// Who asked for an operation, as far as the result depends on it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups; filled in only when the outcome depends on them (set-gid rules).
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.uid == 0 || self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// What `rename` does when the destination exists.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RenameMode {
+    /// Replace the destination atomically (plain `rename(2)`).
+    Replace,
+    /// Fail with `Exists` (`RENAME_NOREPLACE`).
+    NoReplace,
+    /// Swap the two entries (`RENAME_EXCHANGE`).
+    Exchange,
+}
+
+/// How `setxattr` treats an existing attribute.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrMode {
+    Upsert,
+    /// `XATTR_CREATE`: fail if it exists.
+    Create,
+    /// `XATTR_REPLACE`: fail if it does not.
+    Replace,
+}
+
+/// A change of attributes. `None` leaves a field as it is.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create a file, directory, symlink or special file named `name` in `parent`.
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        ino: Ino,
+        kind: FileKind,
+        /// Requested permission bits, before the umask or the parent's default ACL.
+        perm: u32,
+        umask: u32,
+        rdev: u32,
+        target: Vec<u8>,
+        caller: Caller,
+        now: Timestamp,
+    },
+    Link {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+        now: Timestamp,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+        now: Timestamp,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+        now: Timestamp,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        mode: RenameMode,
+        now: Timestamp,
+    },
+    SetAttr {
+        ino: Ino,
+        attr: SetAttr,
+        now: Timestamp,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        mode: XattrMode,
+        caller: Caller,
+        now: Timestamp,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        now: Timestamp,
+    },
+    /// Record the size and times the backing file holds, after writes that bypassed the daemon.
+    SyncData {
+        ino: Ino,
+        size: u64,
+        atime: Timestamp,
+        mtime: Timestamp,
+        ctime: Timestamp,
+    },
+    /// Delete an inode that has no links left and that the kernel has forgotten.
+    Purge { ino: Ino },
+}
+
+/// What applying an operation produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The inode created, linked or changed.
+    Inode(crate::Inode),
+    /// An entry went away. `orphaned` names an inode whose last link it was: it stays until
+    /// the kernel forgets it, then it is purged.
+    Removed {
+        orphaned: Option<Ino>,
+    },
+    /// `Purge` removed this inode (if it was still there).
+    Purged(Option<crate::Inode>),
+    Done,
+}

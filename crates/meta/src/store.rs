@@ -1,0 +1,376 @@
+//! The metadata store: one redb database per node.
+//!
+//! Writes are group-committed. Each operation commits with `Durability::None`, which makes it
+//! visible at once but durable only at the next durable commit. [`MetaStore::sync`] makes
+//! everything applied so far durable with one fsync, however many callers wait on it; a
+//! background flusher does the same every second, as a journalling filesystem does.
+
+use crate::apply::Tx;
+use crate::op::{Op, Outcome};
+use crate::tables::*;
+use crate::{DirEntry, FileKind, Ino, Inode, MetaError, ROOT_INO, Result, Timestamp};
+use parking_lot::Mutex;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The on-disk format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+pub struct MetaStore {
+    db: Database,
+    fs_id: String,
+    next_ino: AtomicU64,
+    /// Number of commits so far; `durable` is the value it had at the last durable commit.
+    committed: AtomicU64,
+    durable: AtomicU64,
+    /// Serialises durable commits, so that concurrent `sync` calls share one.
+    sync_lock: Mutex<()>,
+}
+
+/// Counts shown by `cfs status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MetaCounts {
+    pub inodes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub orphans: u64,
+}
+
+impl MetaStore {
+    /// Opens the store at `path`, creating and formatting it if it does not exist.
+    /// Returns the store and whether it was created.
+    pub fn open(
+        path: &Path,
+        now: Timestamp,
+        root_uid: u32,
+        root_gid: u32,
+    ) -> Result<(MetaStore, bool)> {
+        let existed = path.exists();
+        let db = Database::builder().create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => MetaError::Store(
+                "the metadata database is in use by another process (is it mounted?)".into(),
+            ),
+            other => MetaError::from(other),
+        })?;
+        let mut created = false;
+        {
+            let txn = db.begin_write()?;
+            {
+                let mut sup = txn.open_table(SUPER)?;
+                let version = sup
+                    .get(KEY_VERSION)?
+                    .and_then(|v| v.value().try_into().ok().map(u32::from_le_bytes));
+                match version {
+                    Some(FORMAT_VERSION) => {}
+                    Some(found) => {
+                        return Err(MetaError::Version {
+                            found,
+                            expected: FORMAT_VERSION,
+                        });
+                    }
+                    None if existed && sup.len()? > 0 => {
+                        return Err(MetaError::Store(
+                            "metadata database has no format version".into(),
+                        ));
+                    }
+                    None => {
+                        sup.insert(KEY_VERSION, FORMAT_VERSION.to_le_bytes().as_slice())?;
+                        let id = uuid::Uuid::new_v4().to_string();
+                        sup.insert(KEY_FS_ID, id.as_bytes())?;
+                        sup.insert(KEY_NEXT_INO, (ROOT_INO + 1).to_le_bytes().as_slice())?;
+                        created = true;
+                    }
+                }
+            }
+            if created {
+                let root = Inode {
+                    ino: ROOT_INO,
+                    kind: FileKind::Dir,
+                    perm: 0o755,
+                    nlink: 2,
+                    uid: root_uid,
+                    gid: root_gid,
+                    rdev: 0,
+                    size: 0,
+                    atime: now,
+                    mtime: now,
+                    ctime: now,
+                    crtime: now,
+                    parent: ROOT_INO,
+                    next_cookie: crate::FIRST_COOKIE,
+                    target: Vec::new(),
+                };
+                txn.open_table(INODES)?
+                    .insert(ROOT_INO, encode_inode(&root)?.as_slice())?;
+            }
+            // Create every table so that readers never meet a missing one.
+            txn.open_table(DENTRIES)?;
+            txn.open_table(LISTING)?;
+            txn.open_table(XATTRS)?;
+            txn.open_table(ORPHANS)?;
+            txn.commit()?;
+        }
+        let read = db.begin_read()?;
+        let sup = read.open_table(SUPER)?;
+        let fs_id = sup
+            .get(KEY_FS_ID)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned())
+            .unwrap_or_default();
+        let next_ino = sup
+            .get(KEY_NEXT_INO)?
+            .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(ROOT_INO + 1);
+        drop(sup);
+        drop(read);
+        Ok((
+            MetaStore {
+                db,
+                fs_id,
+                next_ino: AtomicU64::new(next_ino),
+                committed: AtomicU64::new(0),
+                durable: AtomicU64::new(0),
+                sync_lock: Mutex::new(()),
+            },
+            created,
+        ))
+    }
+
+    /// The filesystem's unique id, fixed when it was created.
+    pub fn fs_id(&self) -> &str {
+        &self.fs_id
+    }
+
+    /// Hands out a fresh inode number. Numbers are never reused: the high-water mark is
+    /// stored with every create, and recovery deletes any backing file above it.
+    pub fn alloc_ino(&self) -> Ino {
+        self.next_ino.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Applies one operation and commits it (not yet durably; see [`MetaStore::sync`]).
+    pub fn execute(&self, op: &Op) -> Result<Outcome> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)?;
+        let outcome = {
+            let mut tx = Tx::open(&txn)?;
+            match tx.apply(op) {
+                Ok(outcome) => {
+                    tx.finish()?;
+                    outcome
+                }
+                Err(e) => {
+                    drop(tx);
+                    txn.abort()?;
+                    return Err(e);
+                }
+            }
+        };
+        txn.commit()?;
+        self.committed.fetch_add(1, Ordering::Release);
+        Ok(outcome)
+    }
+
+    /// Makes every operation applied before this call durable. Concurrent callers share one
+    /// durable commit (group commit).
+    pub fn sync(&self) -> Result<()> {
+        let target = self.committed.load(Ordering::Acquire);
+        if self.durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let _guard = self.sync_lock.lock();
+        if self.durable.load(Ordering::Acquire) >= target {
+            return Ok(());
+        }
+        let covered = self.committed.load(Ordering::Acquire);
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.commit()?;
+        self.durable.fetch_max(covered, Ordering::Release);
+        Ok(())
+    }
+
+    /// True if some commit is not yet durable.
+    pub fn has_unsynced(&self) -> bool {
+        self.durable.load(Ordering::Acquire) < self.committed.load(Ordering::Acquire)
+    }
+
+    pub fn inode(&self, ino: Ino) -> Result<Inode> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(INODES)?;
+        match table.get(ino)? {
+            Some(v) => decode_inode(ino, v.value()),
+            None => Err(MetaError::NotFound),
+        }
+    }
+
+    /// Resolves `name` in `parent` to its inode.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
+        let read = self.db.begin_read()?;
+        let dentries = read.open_table(DENTRIES)?;
+        let ino = match dentries.get((parent, name))? {
+            Some(v) => v.value().0,
+            None => return Err(MetaError::NotFound),
+        };
+        let table = read.open_table(INODES)?;
+        match table.get(ino)? {
+            Some(v) => decode_inode(ino, v.value()),
+            None => Err(MetaError::Corrupt(
+                parent,
+                format!("dentry to missing inode {ino}"),
+            )),
+        }
+    }
+
+    /// Up to `limit` entries of `dir` with cookies greater than `after`, in cookie order.
+    /// With `with_inodes`, each entry comes with its inode (for readdirplus).
+    pub fn readdir(
+        &self,
+        dir: Ino,
+        after: u64,
+        limit: usize,
+        with_inodes: bool,
+    ) -> Result<Vec<(DirEntry, Option<Inode>)>> {
+        let read = self.db.begin_read()?;
+        let listing = read.open_table(LISTING)?;
+        let inodes = read.open_table(INODES)?;
+        let mut out = Vec::new();
+        for item in listing.range((dir, after.saturating_add(1))..=(dir, u64::MAX))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let (ino, kind, name) = decode_listing(dir, v.value())?;
+            let inode = if with_inodes {
+                match inodes.get(ino)? {
+                    Some(b) => Some(decode_inode(ino, b.value())?),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            out.push((
+                DirEntry {
+                    cookie: k.value().1,
+                    ino,
+                    kind,
+                    name: name.to_vec(),
+                },
+                inode,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(XATTRS)?;
+        match table.get((ino, name))? {
+            Some(v) => Ok(v.value().to_vec()),
+            None => {
+                if read.open_table(INODES)?.get(ino)?.is_none() {
+                    return Err(MetaError::NotFound);
+                }
+                Err(MetaError::NoXattr)
+            }
+        }
+    }
+
+    pub fn xattr_names(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(XATTRS)?;
+        let mut out = Vec::new();
+        for item in table.range((ino, &[][..])..)? {
+            let (k, _) = item?;
+            let (owner, name) = k.value();
+            if owner != ino {
+                break;
+            }
+            out.push(name.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Inodes that have no links left but were still referenced when last seen.
+    pub fn orphans(&self) -> Result<Vec<Ino>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(ORPHANS)?;
+        table
+            .iter()?
+            .map(|r| r.map(|(k, _)| k.value()).map_err(MetaError::from))
+            .collect()
+    }
+
+    /// Calls `f` on every inode, in inode order.
+    pub fn for_each_inode(&self, mut f: impl FnMut(Inode) -> Result<()>) -> Result<()> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(INODES)?;
+        for item in table.iter()? {
+            let (k, v) = item?;
+            f(decode_inode(k.value(), v.value())?)?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(parent, name, ino, cookie, kind)` on every directory entry.
+    pub fn for_each_dentry(
+        &self,
+        mut f: impl FnMut(Ino, &[u8], Ino, u64, Option<FileKind>) -> Result<()>,
+    ) -> Result<()> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(DENTRIES)?;
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let (parent, name) = k.value();
+            let (ino, cookie, kind) = v.value();
+            f(parent, name, ino, cookie, FileKind::from_u8(kind))?;
+        }
+        Ok(())
+    }
+
+    /// Calls `f(dir, cookie, ino, name)` on every listing entry.
+    pub fn for_each_listing(
+        &self,
+        mut f: impl FnMut(Ino, u64, Ino, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(LISTING)?;
+        for item in table.iter()? {
+            let (k, v) = item?;
+            let (dir, cookie) = k.value();
+            let (ino, _, name) = decode_listing(dir, v.value())?;
+            f(dir, cookie, ino, name)?;
+        }
+        Ok(())
+    }
+
+    pub fn counts(&self) -> Result<MetaCounts> {
+        let mut c = MetaCounts::default();
+        self.for_each_inode(|inode| {
+            c.inodes += 1;
+            match inode.kind {
+                FileKind::File => {
+                    c.files += 1;
+                    c.bytes += inode.size;
+                }
+                FileKind::Dir => c.dirs += 1,
+                _ => {}
+            }
+            Ok(())
+        })?;
+        c.orphans = self.orphans()?.len() as u64;
+        Ok(c)
+    }
+
+    /// The low-level repair tool for `fsck --repair`: applies raw fixes in one durable
+    /// transaction. Not for the request path.
+    pub fn repair(&self, fix: impl FnOnce(&mut crate::Repair<'_>) -> Result<()>) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut r = crate::Repair::open(&txn)?;
+            fix(&mut r)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
