@@ -1,0 +1,169 @@
+//! `kill -9` of the daemon in the middle of a write workload loses nothing that was fsynced,
+//! and leaves metadata that `cfs fsck` finds clean after a remount.
+
+mod common;
+use common::*;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Writes files until told to stop or until the mount dies. Records a file's checksum only
+/// after both its fsync and its directory's fsync returned.
+fn writer(
+    root: std::path::PathBuf,
+    id: u64,
+    stop: Arc<AtomicBool>,
+    synced: Arc<Mutex<Vec<(std::path::PathBuf, String)>>>,
+) {
+    let dir = root.join(format!("w{id}"));
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    for i in 0u64.. {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let seed = id * 1_000_000 + i;
+        let len = ((seed * 7919) % (2 << 20)) as usize;
+        let data = content(seed, len);
+        let path = dir.join(format!("f{i}"));
+        let result = (|| -> std::io::Result<()> {
+            if i % 4 == 3 {
+                // Atomic replace: write a temporary, fsync, rename over, fsync the directory.
+                let tmp = dir.join(format!(".tmp{i}"));
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+            } else {
+                let mut f = std::fs::File::create(&path)?;
+                f.write_all(&data)?;
+                if i % 4 == 2 {
+                    // Written but never fsynced: allowed to be lost.
+                    return Err(std::io::Error::other("unsynced"));
+                }
+                f.sync_all()?;
+            }
+            std::fs::File::open(&dir)?.sync_all()?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                let hash = {
+                    use sha2::Digest;
+                    format!("{:x}", sha2::Sha256::digest(&data))
+                };
+                synced.lock().expect("lock").push((path, hash));
+            }
+            Err(e) if e.to_string() == "unsynced" => {}
+            Err(_) => return,
+        }
+    }
+}
+
+#[test]
+fn kill9_during_writes_loses_nothing_fsynced() {
+    for mode in [&[][..], &["--no-passthrough"][..]] {
+        let root = scratch("crash");
+        let mut m = Mount::start(root.path(), mode);
+        let stop = Arc::new(AtomicBool::new(false));
+        let synced = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..3)
+            .map(|id| {
+                let (r, s, y) = (m.mountpoint.clone(), Arc::clone(&stop), Arc::clone(&synced));
+                std::thread::spawn(move || writer(r, id, s, y))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while synced.lock().expect("lock").len() < 60 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        m.kill9();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().expect("writer thread");
+        }
+        let synced = synced.lock().expect("lock").clone();
+        assert!(
+            synced.len() >= 60,
+            "workload too slow: only {} files fsynced",
+            synced.len()
+        );
+
+        m.remount();
+        for (path, hash) in &synced {
+            assert!(path.exists(), "fsynced file {} lost", path.display());
+            assert_eq!(
+                &sha256_file(path),
+                hash,
+                "fsynced file {} changed",
+                path.display()
+            );
+        }
+        // The filesystem keeps working after recovery.
+        std::fs::write(m.path("after"), b"ok").expect("write after recovery");
+        m.unmount();
+        let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "fsck after crash and remount:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn metadata_survives_clean_remount() {
+    let root = scratch("remount");
+    let mut m = Mount::start(root.path(), &[]);
+    std::fs::create_dir_all(m.path("a/b/c")).expect("mkdir");
+    std::fs::write(m.path("a/b/c/f"), b"payload").expect("write");
+    std::os::unix::fs::symlink("c/f", m.path("a/b/l")).expect("symlink");
+    std::fs::hard_link(m.path("a/b/c/f"), m.path("a/h")).expect("link");
+    xattr_set(&m.path("a/h"), "user.k", b"v");
+    let ino_before = std::fs::metadata(m.path("a/b/c/f"))
+        .map(|md| std::os::unix::fs::MetadataExt::ino(&md))
+        .expect("stat");
+    m.unmount();
+    m.remount();
+    assert_eq!(
+        std::fs::read(m.path("a/b/l")).expect("read through symlink"),
+        b"payload"
+    );
+    let md = std::fs::metadata(m.path("a/h")).expect("stat");
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&md), 2);
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&md),
+        ino_before,
+        "inode numbers are stable"
+    );
+    assert_eq!(xattr_get(&m.path("a/h"), "user.k"), b"v");
+}
+
+fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
+    run(std::process::Command::new("setfattr")
+        .args(["-n", name, "-v"])
+        .arg(String::from_utf8_lossy(value).to_string())
+        .arg(path));
+}
+
+fn xattr_get(path: &std::path::Path, name: &str) -> Vec<u8> {
+    let out = run(std::process::Command::new("getfattr")
+        .args(["--only-values", "-n", name])
+        .arg(path));
+    out.stdout
+}
