@@ -113,7 +113,7 @@ impl DataDir {
             })?;
             for entry in flash.scan()? {
                 match entry {
-                    Ok((ino, size, _)) => match files.get(&ino) {
+                    Ok(cfs_flash::BackingFile { ino, size, .. }) => match files.get(&ino) {
                         None => {
                             flash.remove(ino)?;
                             stray += 1;

@@ -280,8 +280,8 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
     let mut backing: HashMap<Ino, u64> = HashMap::new();
     for entry in flash.scan()? {
         match entry {
-            Ok((ino, size, _)) => {
-                backing.insert(ino, size);
+            Ok(b) => {
+                backing.insert(b.ino, b.size);
             }
             Err(path) => problems.push(Problem::UnknownFlashFile { path }),
         }

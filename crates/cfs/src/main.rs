@@ -60,6 +60,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     mount::set_verbosity(cli.verbose);
+    let is_fsck = matches!(cli.command, Command::Fsck(_));
     let result = match cli.command {
         Command::Mount(args) => mount::run(args),
         Command::Umount(args) => umount(&args.mountpoint),
@@ -76,10 +77,12 @@ fn main() {
                 .collect::<Vec<_>>()
                 .join(": ");
             eprintln!("cfs: error: {msg}");
+            // fsck(8) convention: 8 means the check itself could not run.
+            let fallback = if is_fsck { 8 } else { 1 };
             let code = e
                 .downcast_ref::<fsck::FsckFailed>()
                 .map(|f| f.exit_code)
-                .unwrap_or(1);
+                .unwrap_or(fallback);
             std::process::exit(code);
         }
     }

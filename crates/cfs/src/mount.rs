@@ -107,7 +107,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         entry_ttl: Duration::from_secs_f64(args.entry_ttl),
     };
-    let fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
+    let mut fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
     let ready_fd = take_ready_fd();
     fs.on_init(move |pt| {
         if let Some(fd) = ready_fd {

@@ -36,7 +36,7 @@ impl Status {
             .scan()?
             .into_iter()
             .filter_map(|r| r.ok())
-            .map(|(_, _, alloc)| alloc)
+            .map(|b| b.allocated)
             .sum();
         let cap = flash.capacity()?;
         Ok(Status {

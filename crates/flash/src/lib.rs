@@ -20,6 +20,19 @@ pub struct FlashDir {
     root: PathBuf,
 }
 
+/// One backing file found by [`FlashDir::scan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackingFile {
+    pub ino: Ino,
+    /// Apparent size in bytes.
+    pub size: u64,
+    /// Bytes allocated on disk (less than `size` for sparse files).
+    pub allocated: u64,
+}
+
+/// A scan result: a backing file, or the path of a file that is not one of ours.
+pub type ScanEntry = Result<BackingFile, PathBuf>;
+
 /// Capacity of the filesystem the flash directory lives on, as `statvfs` reports it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Capacity {
@@ -103,7 +116,7 @@ impl FlashDir {
 
     /// Every backing file present, with its size and allocated bytes. Files whose names are
     /// not ours are returned as `Err(path)` so fsck can report them.
-    pub fn scan(&self) -> io::Result<Vec<Result<(Ino, u64, u64), PathBuf>>> {
+    pub fn scan(&self) -> io::Result<Vec<ScanEntry>> {
         let mut out = Vec::new();
         for shard in fs::read_dir(&self.root)? {
             let shard = shard?;
@@ -117,7 +130,11 @@ impl FlashDir {
                 match name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) {
                     Some(ino) if n_ok(&name, ino) => {
                         let md = entry.metadata()?;
-                        out.push(Ok((ino, md.len(), md.blocks() * 512)));
+                        out.push(Ok(BackingFile {
+                            ino,
+                            size: md.len(),
+                            allocated: md.blocks() * 512,
+                        }));
                     }
                     _ => out.push(Err(entry.path())),
                 }
@@ -159,7 +176,11 @@ mod tests {
         assert!(flash.create(42).is_err(), "create must be exclusive");
         fs::write(flash.root().join("00").join("junk"), b"x").expect("junk");
         let scan = flash.scan().expect("scan");
-        assert!(scan.contains(&Ok((42, 10, 0))));
+        assert!(scan.contains(&Ok(BackingFile {
+            ino: 42,
+            size: 10,
+            allocated: 0
+        })));
         assert_eq!(scan.iter().filter(|r| r.is_err()).count(), 1);
         flash.remove(42).expect("remove");
         flash.remove(42).expect("remove twice is fine");

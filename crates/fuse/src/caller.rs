@@ -16,13 +16,13 @@ pub fn caller(req: &Request) -> Caller {
 /// primary group is all we know.
 pub fn caller_with_groups(req: &Request) -> Caller {
     let mut c = caller(req);
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) {
-        if let Some(line) = status.lines().find(|l| l.starts_with("Groups:")) {
-            c.groups = line["Groups:".len()..]
-                .split_whitespace()
-                .filter_map(|g| g.parse().ok())
-                .collect();
-        }
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid()))
+        && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
+    {
+        c.groups = line["Groups:".len()..]
+            .split_whitespace()
+            .filter_map(|g| g.parse().ok())
+            .collect();
     }
     c
 }

@@ -61,13 +61,16 @@ impl Live {
     }
 }
 
+/// Called once with whether passthrough is active, when the kernel handshake is done.
+pub type InitHook = Box<dyn FnOnce(bool) + Send + Sync>;
+
 pub struct ClaudeFs {
     pub(crate) meta: Arc<MetaStore>,
     pub(crate) flash: FlashDir,
     pub(crate) opts: FsOptions,
     pub(crate) live: Arc<Live>,
     /// Called once `init` has been answered, to tell the launcher the mount is ready.
-    pub(crate) on_init: parking_lot::Mutex<Option<Box<dyn FnOnce(bool) + Send>>>,
+    pub(crate) on_init: Option<InitHook>,
 }
 
 impl ClaudeFs {
@@ -77,14 +80,14 @@ impl ClaudeFs {
             flash,
             opts,
             live: Arc::new(Live::default()),
-            on_init: parking_lot::Mutex::new(None),
+            on_init: None,
         }
     }
 
     /// Registers `f`, called with whether passthrough is active once the kernel handshake is
     /// done.
-    pub fn on_init(&self, f: impl FnOnce(bool) + Send + 'static) {
-        *self.on_init.lock() = Some(Box::new(f));
+    pub fn on_init(&mut self, f: impl FnOnce(bool) + Send + Sync + 'static) {
+        self.on_init = Some(Box::new(f));
     }
 
     /// A handle on the live state that stays valid after the session takes the filesystem.

@@ -38,6 +38,15 @@ fn fail(op: &str, e: FsError) -> Errno {
     e.errno()
 }
 
+/// What `mknod`, `mkdir`, `symlink` and `create` ask for.
+struct NewNode<'a> {
+    kind: FileKind,
+    mode: u32,
+    umask: u32,
+    rdev: u32,
+    target: &'a [u8],
+}
+
 impl ClaudeFs {
     fn entry(&self, reply: ReplyEntry, op: &str, r: FsResult<Inode>) {
         match r {
@@ -58,12 +67,15 @@ impl ClaudeFs {
         req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        kind: FileKind,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-        target: &[u8],
+        node: NewNode<'_>,
     ) -> FsResult<(Inode, Option<std::fs::File>)> {
+        let NewNode {
+            kind,
+            mode,
+            umask,
+            rdev,
+            target,
+        } = node;
         let ino = self.meta.alloc_ino();
         let file = if kind == FileKind::File {
             Some(self.flash.create(ino)?)
@@ -235,16 +247,17 @@ impl ClaudeFs {
                 return Ok(());
             }
             for (entry, inode) in &batch {
-                if plus && inode.is_none() {
-                    continue;
-                }
-                if add(
-                    entry.ino,
-                    entry.cookie,
-                    entry.kind,
-                    &entry.name,
-                    inode.as_ref(),
-                ) {
+                // An entry whose inode vanished between the two reads is skipped, not retried.
+                let skip = plus && inode.is_none();
+                if !skip
+                    && add(
+                        entry.ino,
+                        entry.cookie,
+                        entry.kind,
+                        &entry.name,
+                        inode.as_ref(),
+                    )
+                {
                     return Ok(());
                 }
                 after = entry.cookie;
@@ -289,7 +302,7 @@ impl Filesystem for ClaudeFs {
         let _ = config.set_time_granularity(std::time::Duration::from_nanos(1));
         self.live.passthrough.store(passthrough, Ordering::Relaxed);
         tracing::info!(passthrough, "kernel handshake done");
-        if let Some(f) = self.on_init.lock().take() {
+        if let Some(f) = self.on_init.take() {
             f(passthrough);
         }
         Ok(())
@@ -312,10 +325,10 @@ impl Filesystem for ClaudeFs {
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
         // The kernel forgets an inode only when it drops it, so an unlinked inode is now
         // unreferenced; a linked one is left alone by `Purge`.
-        if let Ok(inode) = self.meta.inode(ino.0) {
-            if inode.nlink == 0 {
-                self.purge(ino.0);
-            }
+        if let Ok(inode) = self.meta.inode(ino.0)
+            && inode.nlink == 0
+        {
+            self.purge(ino.0);
         }
     }
 
@@ -374,7 +387,18 @@ impl Filesystem for ClaudeFs {
             return reply.error(Errno::EINVAL);
         };
         let r = self
-            .create_node(req, parent, name, kind, mode, umask, rdev, b"")
+            .create_node(
+                req,
+                parent,
+                name,
+                NewNode {
+                    kind,
+                    mode,
+                    umask,
+                    rdev,
+                    target: b"",
+                },
+            )
             .map(|(inode, _)| inode);
         self.entry(reply, "mknod", r);
     }
@@ -389,7 +413,18 @@ impl Filesystem for ClaudeFs {
         reply: ReplyEntry,
     ) {
         let r = self
-            .create_node(req, parent, name, FileKind::Dir, mode, umask, 0, b"")
+            .create_node(
+                req,
+                parent,
+                name,
+                NewNode {
+                    kind: FileKind::Dir,
+                    mode,
+                    umask,
+                    rdev: 0,
+                    target: b"",
+                },
+            )
             .map(|(inode, _)| inode);
         self.entry(reply, "mkdir", r);
     }
@@ -433,11 +468,13 @@ impl Filesystem for ClaudeFs {
                 req,
                 parent,
                 link_name,
-                FileKind::Symlink,
-                0o777,
-                0,
-                0,
-                target.as_os_str().as_bytes(),
+                NewNode {
+                    kind: FileKind::Symlink,
+                    mode: 0o777,
+                    umask: 0,
+                    rdev: 0,
+                    target: target.as_os_str().as_bytes(),
+                },
             )
             .map(|(inode, _)| inode);
         self.entry(reply, "symlink", r);
@@ -803,7 +840,18 @@ impl Filesystem for ClaudeFs {
         reply: ReplyCreate,
     ) {
         let r = self
-            .create_node(req, parent, name, FileKind::File, mode, umask, 0, b"")
+            .create_node(
+                req,
+                parent,
+                name,
+                NewNode {
+                    kind: FileKind::File,
+                    mode,
+                    umask,
+                    rdev: 0,
+                    target: b"",
+                },
+            )
             .and_then(|(inode, file)| {
                 let (fh, id) = self.open_file(inode.ino, flags, file, |f| reply.open_backing(f))?;
                 Ok((inode, fh, id))

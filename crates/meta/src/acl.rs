@@ -34,7 +34,7 @@ pub struct Acl {
 impl Acl {
     pub fn parse(bytes: &[u8]) -> Result<Acl> {
         let invalid = MetaError::Invalid("malformed POSIX ACL");
-        if bytes.len() < 4 || (bytes.len() - 4) % 8 != 0 {
+        if bytes.len() < 4 || !(bytes.len() - 4).is_multiple_of(8) {
             return Err(invalid);
         }
         let version = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);

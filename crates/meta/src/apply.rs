@@ -385,12 +385,12 @@ impl<'t> Tx<'t> {
         mode: RenameMode,
         now: Timestamp,
     ) -> Result<Outcome> {
-        check_name(new_name)?;
         for n in [name, new_name] {
             if n == b"." || n == b".." {
                 return Err(MetaError::Invalid("cannot rename '.' or '..'"));
             }
         }
+        check_name(new_name)?;
         self.dir(parent)?;
         self.dir(new_parent)?;
         let (src, src_cookie, src_kind) = self.entry(parent, name)?.ok_or(MetaError::NotFound)?;
@@ -598,6 +598,11 @@ fn check_name(name: &[u8]) -> Result<()> {
     }
     if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
         return Err(MetaError::Invalid("bad file name"));
+    }
+    // Every directory has "." and ".." already; a real entry by that name could never be
+    // removed (unlink and rmdir refuse those names), nor its directory.
+    if name == b"." || name == b".." {
+        return Err(MetaError::Exists);
     }
     Ok(())
 }

@@ -206,6 +206,9 @@ impl MetaStore {
 
     /// Resolves `name` in `parent` to its inode.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Inode> {
+        if name.len() > crate::NAME_MAX {
+            return Err(MetaError::NameTooLong);
+        }
         let read = self.db.begin_read()?;
         let dentries = read.open_table(DENTRIES)?;
         let ino = match dentries.get((parent, name))? {

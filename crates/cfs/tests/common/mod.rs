@@ -156,11 +156,11 @@ impl Drop for Mount {
     fn drop(&mut self) {
         if self.child.is_some() {
             detach(&self.mountpoint);
-            if let Some(mut child) = self.child.take() {
-                if wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                }
+            if let Some(mut child) = self.child.take()
+                && wait_timeout(&mut child, Duration::from_secs(10)).is_none()
+            {
+                let _ = child.kill();
+                let _ = child.wait();
             }
         }
     }

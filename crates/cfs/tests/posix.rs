@@ -1,0 +1,156 @@
+//! The POSIX suites on real mounts, in both data-path modes: pjdfstest (the whole suite) and
+//! fsx (random reads, writes, mmap, truncate, fallocate, punch-hole, copy_file_range).
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+fn known_failures() -> Vec<String> {
+    std::fs::read_to_string(repo_file("tests/pjdfstest-known-failures.txt"))
+        .expect("read known failures")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect()
+}
+
+struct Summary {
+    failed: u32,
+    skipped: u32,
+    passed: u32,
+    total: u32,
+}
+
+/// Reads `Summary: 0 failed, 14 skipped, 384 passed, 0 expected failures, 398 total`.
+fn parse_summary(out: &str) -> Summary {
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Summary:"))
+        .unwrap_or_else(|| panic!("pjdfstest printed no summary:\n{out}"));
+    let counts: Vec<(u32, &str)> = line
+        .split(',')
+        .filter_map(|part| {
+            let (n, label) = part.trim().split_once(' ')?;
+            Some((n.parse().ok()?, label))
+        })
+        .collect();
+    let field = |label: &str| {
+        counts
+            .iter()
+            .find(|(_, l)| *l == label)
+            .map(|(n, _)| *n)
+            .unwrap_or_else(|| panic!("no {label:?} count in {line:?}"))
+    };
+    Summary {
+        failed: field("failed"),
+        skipped: field("skipped"),
+        passed: field("passed"),
+        total: field("total"),
+    }
+}
+
+fn pjdfstest(mode: &[&str], name: &str) {
+    let bin = tool("pjdfstest");
+    let root = scratch(name);
+    let m = Mount::start(root.path(), mode);
+    let work = m.path("pjd");
+    std::fs::create_dir(&work).expect("mkdir");
+    set_mode(&work, 0o755);
+    let secondary = root.path().join("secondary");
+    std::fs::create_dir(&secondary).expect("mkdir");
+    set_mode(&secondary, 0o755);
+    let out = Command::new(bin)
+        .current_dir(&work)
+        .env_remove("RUST_BACKTRACE")
+        .arg("-c")
+        .arg(repo_file("tests/pjdfstest.toml"))
+        .arg("-p")
+        .arg(".")
+        .arg("-s")
+        .arg(&secondary)
+        .output()
+        .expect("run pjdfstest");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let s = parse_summary(&stdout);
+    eprintln!(
+        "pjdfstest {mode:?}: {} passed, {} failed, {} skipped, {} total",
+        s.passed, s.failed, s.skipped, s.total
+    );
+    assert!(s.total > 300, "pjdfstest ran only {} tests", s.total);
+    let failed: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_end().ends_with("FAILED"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(
+        failed.len() as u32,
+        s.failed,
+        "could not read every failure:\n{stdout}"
+    );
+    let known = known_failures();
+    let unexpected: Vec<&&str> = failed
+        .iter()
+        .filter(|f| !known.iter().any(|k| k == *f))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "pjdfstest failures not in tests/pjdfstest-known-failures.txt: {unexpected:?}\n{stdout}"
+    );
+}
+
+#[test]
+fn pjdfstest_passthrough() {
+    pjdfstest(&[], "pjd-pt");
+}
+
+#[test]
+fn pjdfstest_no_passthrough() {
+    pjdfstest(&["--no-passthrough"], "pjd-nopt");
+}
+
+/// Operations per fsx run; `CFS_FSX_OPS` raises it for soak runs.
+fn fsx_ops() -> String {
+    std::env::var("CFS_FSX_OPS").unwrap_or_else(|_| "100000".into())
+}
+
+fn fsx(mode: &[&str], name: &str, seed: u64) {
+    let bin = tool("fsx");
+    let root = scratch(name);
+    let m = Mount::start(root.path(), mode);
+    let ops = fsx_ops();
+    eprintln!("fsx {mode:?}: {ops} operations, seed {seed} (replay with -S {seed})");
+    let out = Command::new(bin)
+        .env_remove("RUST_BACKTRACE")
+        .args(["-N", &ops, "-S", &seed.to_string(), "-f"])
+        .arg(repo_file("tests/fsx.toml"))
+        .arg("-P")
+        .arg(root.path())
+        .arg(m.path("fsxfile"))
+        .output()
+        .expect("run fsx");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("All operations completed A-OK!"),
+        "fsx failed ({}), seed {seed}:\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn fsx_passthrough() {
+    fsx(&[], "fsx-pt", 20261124);
+}
+
+#[test]
+fn fsx_no_passthrough() {
+    fsx(&["--no-passthrough"], "fsx-nopt", 42);
+}

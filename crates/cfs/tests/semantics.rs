@@ -1,0 +1,363 @@
+//! POSIX features beyond what pjdfstest covers, checked through the kernel on a real mount:
+//! sparse files (SEEK_HOLE/SEEK_DATA, punch-hole, keep-size), server-side copy, ACL
+//! enforcement, locks between processes, readdir stability, statfs, timestamps.
+
+mod common;
+use common::*;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::process::Command;
+
+const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
+
+fn seek(f: &std::fs::File, off: i64, whence: nix::unistd::Whence) -> i64 {
+    nix::unistd::lseek(f, off, whence).expect("lseek")
+}
+
+#[test]
+fn sparse_files_holes_and_fallocate() {
+    let root = scratch("sparse");
+    for (i, mode) in MODES.iter().enumerate() {
+        let m = Mount::start(&root.path().join(format!("m{i}")), mode);
+        let path = m.path("sparse");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("create");
+        let mib = 1 << 20;
+        f.write_all_at(b"head", 0).expect("write");
+        f.write_all_at(b"tail", 8 * mib).expect("write");
+        f.sync_all().expect("fsync");
+        use nix::unistd::Whence::{SeekData, SeekHole};
+        assert_eq!(seek(&f, 0, SeekData), 0);
+        let hole = seek(&f, 0, SeekHole);
+        assert!(hole > 0 && hole < 8 * mib as i64, "first hole at {hole}");
+        assert_eq!(seek(&f, hole, SeekData) & !4095, (8 * mib) as i64 & !4095);
+        let md = std::fs::metadata(&path).expect("stat");
+        assert_eq!(md.len(), 8 * mib + 4);
+        assert!(
+            md.blocks() * 512 < 1024 * 1024,
+            "sparse file allocates {} bytes",
+            md.blocks() * 512
+        );
+
+        // Keep-size preallocation does not change the size; punching a hole zeroes the range.
+        nix::fcntl::fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            8 * mib as i64,
+            4 * mib as i64,
+        )
+        .expect("fallocate keep-size");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 8 * mib + 4);
+        nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, 12 * mib as i64)
+            .expect("fallocate");
+        assert_eq!(std::fs::metadata(&path).expect("stat").len(), 12 * mib);
+        nix::fcntl::fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            0,
+            4096,
+        )
+        .expect("punch hole");
+        let mut buf = [1u8; 4];
+        f.read_exact_at(&mut buf, 0).expect("read");
+        assert_eq!(buf, [0; 4], "punched range reads as zeros");
+        f.read_exact_at(&mut buf, 8 * mib).expect("read");
+        assert_eq!(&buf, b"tail");
+    }
+}
+
+#[test]
+fn copy_file_range_copies_server_side() {
+    let root = scratch("cfr");
+    for (i, mode) in MODES.iter().enumerate() {
+        let m = Mount::start(&root.path().join(format!("m{i}")), mode);
+        let data: Vec<u8> = (0..3_000_000u32).map(|x| (x % 251) as u8).collect();
+        std::fs::write(m.path("src"), &data).expect("write");
+        let src = std::fs::File::open(m.path("src")).expect("open");
+        let dst = std::fs::File::create(m.path("dst")).expect("create");
+        let mut copied = 0usize;
+        while copied < data.len() {
+            let (mut a, mut b) = (copied as i64, copied as i64);
+            let n = nix::fcntl::copy_file_range(
+                &src,
+                Some(&mut a),
+                &dst,
+                Some(&mut b),
+                data.len() - copied,
+            )
+            .expect("copy_file_range");
+            assert!(n > 0);
+            copied += n;
+        }
+        drop(dst);
+        assert_eq!(std::fs::read(m.path("dst")).expect("read"), data);
+        // `cp --reflink=auto` takes the same path.
+        run(Command::new("cp")
+            .arg("--reflink=auto")
+            .arg(m.path("src"))
+            .arg(m.path("dst2")));
+        assert_eq!(sha256_file(&m.path("dst2")), sha256_file(&m.path("src")));
+    }
+}
+
+/// Runs a shell command as user `nobody`.
+fn as_nobody(cmd: &str) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn acls_are_enforced() {
+    let root = scratch("acl");
+    let m = Mount::start(root.path(), &[]);
+    let f = m.path("secret");
+    std::fs::write(&f, b"s3cret").expect("write");
+    set_mode(&f, 0o644);
+    let read = format!("cat {}", f.display());
+    assert!(as_nobody(&read).status.success(), "0644 is world-readable");
+    run(Command::new("setfacl").args(["-m", "u:nobody:---"]).arg(&f));
+    assert!(
+        !as_nobody(&read).status.success(),
+        "a named-user ACL entry must deny nobody"
+    );
+    let mode = std::fs::metadata(&f).expect("stat").mode() & 0o777;
+    assert_eq!(mode, 0o644, "the mask keeps the group bits");
+    run(Command::new("setfacl").args(["-x", "u:nobody"]).arg(&f));
+    assert!(as_nobody(&read).status.success());
+
+    // Default ACLs are inherited and grant access the mode alone would not.
+    let d = m.path("shared");
+    std::fs::create_dir(&d).expect("mkdir");
+    set_mode(&d, 0o700);
+    run(Command::new("setfacl")
+        .args(["-m", "u:nobody:rwx", "-d", "-m", "u:nobody:rwx"])
+        .arg(&d));
+    let out = as_nobody(&format!(
+        "echo hi > {0}/by-nobody && cat {0}/by-nobody",
+        d.display()
+    ));
+    assert!(
+        out.status.success(),
+        "nobody writes via ACL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acl = run(Command::new("getfacl").arg("-c").arg(d.join("by-nobody")));
+    assert!(
+        String::from_utf8_lossy(&acl.stdout).contains("user:nobody:rw"),
+        "inherited ACL: {}",
+        String::from_utf8_lossy(&acl.stdout)
+    );
+}
+
+#[test]
+fn locks_between_processes() {
+    let root = scratch("locks");
+    for (i, mode) in MODES.iter().enumerate() {
+        let m = Mount::start(&root.path().join(format!("m{i}")), mode);
+        let lockfile = m.path("lock");
+        std::fs::write(&lockfile, b"").expect("create");
+        // flock: a holder in another process makes a non-blocking attempt fail.
+        let mut holder = Command::new("flock")
+            .arg(&lockfile)
+            .args(["sleep", "3"])
+            .spawn()
+            .expect("flock holder");
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let out = Command::new("flock")
+            .args(["-n"])
+            .arg(&lockfile)
+            .arg("true")
+            .output()
+            .expect("flock -n");
+        assert!(
+            !out.status.success(),
+            "flock must conflict across processes"
+        );
+        holder.wait().expect("holder");
+        assert!(
+            Command::new("flock")
+                .args(["-n"])
+                .arg(&lockfile)
+                .arg("true")
+                .status()
+                .expect("flock")
+                .success()
+        );
+
+        // POSIX record locks: a write lock held here blocks another process's F_SETLK.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&lockfile)
+            .expect("open");
+        let lock = libc::flock {
+            l_type: libc::F_WRLCK as i16,
+            l_whence: libc::SEEK_SET as i16,
+            l_start: 0,
+            l_len: 100,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETLK(&lock)).expect("F_SETLK");
+        let script = format!(
+            "import fcntl,sys\nf=open('{}','r+')\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB, 10, 0)\n sys.exit(0)\nexcept OSError:\n sys.exit(3)\n",
+            lockfile.display()
+        );
+        let status = Command::new("python3")
+            .arg("-c")
+            .arg(&script)
+            .status()
+            .expect("python3");
+        assert_eq!(
+            status.code(),
+            Some(3),
+            "record lock must conflict across processes"
+        );
+        let _ = f.as_raw_fd();
+    }
+}
+
+#[test]
+fn readdir_stays_stable_while_the_directory_changes() {
+    let root = scratch("readdir");
+    let m = Mount::start(root.path(), &[]);
+    let d = m.path("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    for k in 0..3000 {
+        std::fs::write(d.join(format!("keep{k:05}")), b"").expect("create");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut step = 0;
+    for entry in std::fs::read_dir(&d).expect("read_dir") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        assert!(seen.insert(name.clone()), "{name} listed twice");
+        step += 1;
+        // Churn while the listing is in progress: add and remove other entries.
+        if step % 10 == 0 {
+            std::fs::write(d.join(format!("churn{step}")), b"").expect("create");
+            let _ = std::fs::remove_file(d.join(format!("churn{}", step - 10)));
+        }
+    }
+    for k in 0..3000 {
+        assert!(
+            seen.contains(&format!("keep{k:05}")),
+            "keep{k:05} was skipped"
+        );
+    }
+}
+
+#[test]
+fn statfs_timestamps_and_inode_numbers() {
+    let root = scratch("statfs");
+    let m = Mount::start(root.path(), &[]);
+    let fs = nix::sys::statvfs::statvfs(&m.mountpoint).expect("statvfs mount");
+    let under = nix::sys::statvfs::statvfs(&m.data_dir).expect("statvfs data dir");
+    assert_eq!(
+        fs.blocks() * fs.fragment_size(),
+        under.blocks() * under.fragment_size(),
+        "statfs reports the flash capacity"
+    );
+    assert_eq!(fs.name_max(), 255);
+
+    let f = m.path("t");
+    std::fs::write(&f, b"x").expect("write");
+    run(Command::new("touch")
+        .args(["-d", "2001-02-03 04:05:06.123456789"])
+        .arg(&f));
+    let md = std::fs::metadata(&f).expect("stat");
+    assert_eq!(md.mtime_nsec(), 123_456_789, "nanosecond mtime");
+    assert_eq!(md.atime_nsec(), 123_456_789, "nanosecond atime");
+
+    let ino = md.ino();
+    std::fs::rename(&f, m.path("t2")).expect("rename");
+    std::fs::hard_link(m.path("t2"), m.path("t3")).expect("link");
+    assert_eq!(
+        std::fs::metadata(m.path("t3")).expect("stat").ino(),
+        ino,
+        "inode numbers are stable"
+    );
+
+    // Writes through passthrough show up in stat at once.
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("t2"))
+        .expect("open");
+    let before = std::fs::metadata(m.path("t2")).expect("stat");
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    file.write_all_at(&[7u8; 5000], 1).expect("write");
+    let after = std::fs::metadata(m.path("t2")).expect("stat");
+    assert_eq!(after.len(), 5001);
+    assert!(
+        after.mtime() * 1_000_000_000 + after.mtime_nsec()
+            > before.mtime() * 1_000_000_000 + before.mtime_nsec(),
+        "mtime moves on write"
+    );
+}
+
+#[test]
+fn fsck_finds_and_repairs_damage() {
+    let root = scratch("fsck");
+    let mut m = Mount::start(root.path(), &[]);
+    std::fs::write(m.path("a"), vec![1u8; 10_000]).expect("write");
+    std::fs::write(m.path("b"), vec![2u8; 20_000]).expect("write");
+    m.unmount();
+    let data = m.data_dir.to_str().expect("utf8").to_string();
+    assert!(cfs(&["fsck", &data]).status.success());
+
+    // Damage: a stray backing file, and a file whose backing file is gone.
+    let flash = m.data_dir.join("flash");
+    std::fs::write(flash.join("ff/00000000000000ff"), b"stray").expect("stray");
+    let mut backing: Vec<_> = walk(&flash);
+    backing.retain(|p| !p.ends_with("00000000000000ff"));
+    assert_eq!(backing.len(), 2);
+    std::fs::remove_file(&backing[0]).expect("remove backing file");
+
+    let out = cfs(&["fsck", &data]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("belongs to no regular file"), "{text}");
+    assert!(text.contains("has no backing file"), "{text}");
+    let out = cfs(&["fsck", "--repair", &data]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(cfs(&["fsck", &data]).status.success(), "clean after repair");
+    m.remount();
+    assert_eq!(std::fs::read_dir(&m.mountpoint).expect("ls").count(), 2);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(dir).expect("read flash") {
+        for f in std::fs::read_dir(shard.expect("shard").path()).expect("read shard") {
+            out.push(f.expect("entry").path());
+        }
+    }
+    out
+}
