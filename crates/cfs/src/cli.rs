@@ -32,6 +32,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Check every metadata invariant of an unmounted data dir, and optionally repair.
     Fsck(FsckArgs),
+    /// Measure metadata and small-file rates in a directory (native or a mount). The full
+    /// comparison with fio and other filesystems is scripts/bench.
+    Bench(BenchCliArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -98,4 +101,19 @@ pub struct FsckArgs {
     /// Fix what is safe to fix: link counts, listings, sizes, orphans.
     #[arg(long)]
     pub repair: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchCliArgs {
+    /// The directory to work in; a scratch subdirectory is created and removed.
+    pub dir: PathBuf,
+    /// Files (and directories) per workload, spread over the threads.
+    #[arg(long, default_value_t = 10_000)]
+    pub files: u64,
+    /// Threads issuing operations concurrently.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
 }

@@ -1,5 +1,6 @@
 //! `cfs`: the one ClaudeFS binary. The subcommand picks the role.
 
+mod bench;
 mod cli;
 mod control;
 mod datadir;
@@ -66,6 +67,12 @@ fn main() {
         Command::Umount(args) => umount(&args.mountpoint),
         Command::Status(args) => status::run(&args.target, args.json),
         Command::Fsck(args) => fsck::run(&args.data_dir, args.repair),
+        Command::Bench(args) => bench::run(&bench::BenchArgs {
+            dir: args.dir,
+            files: args.files,
+            threads: args.threads,
+            json: args.json,
+        }),
     };
     match result {
         Ok(()) => {}

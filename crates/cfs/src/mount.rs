@@ -150,6 +150,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         mountpoint.to_path_buf(),
     )?;
 
+    spawn_flusher(Arc::clone(&meta));
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -174,6 +175,26 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     dir.mark_clean()?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted cleanly");
     Ok(())
+}
+
+/// Makes metadata durable at least once a second, bounding what a crash can lose to about
+/// one second of changes that nobody fsynced, as a journalling filesystem does.
+fn spawn_flusher(meta: Arc<cfs_meta::MetaStore>) {
+    let spawned = std::thread::Builder::new()
+        .name("cfs-flusher".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                if meta.has_unsynced()
+                    && let Err(e) = meta.sync()
+                {
+                    tracing::error!(error = %e, "periodic metadata sync failed");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no periodic metadata sync: cannot start its thread");
+    }
 }
 
 fn take_ready_fd() -> Option<OwnedFd> {

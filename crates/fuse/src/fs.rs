@@ -112,8 +112,16 @@ impl ClaudeFs {
     }
 
     /// Brings the inode's recorded size and times up to the backing file's.
+    /// Skipped when nothing but atime moved, so closing a file that was opened for writing
+    /// but not written costs no metadata commit.
     pub(crate) fn sync_data_attr(&self, ino: u64) -> FsResult<()> {
         if let Some(d) = DataAttr::read(&self.flash, ino) {
+            if let Ok(inode) = self.meta.inode(ino)
+                && inode.size == d.size
+                && inode.mtime == d.mtime
+            {
+                return Ok(());
+            }
             match self.meta.execute(&Op::SyncData {
                 ino,
                 size: d.size,
