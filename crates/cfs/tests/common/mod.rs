@@ -145,6 +145,14 @@ impl Mount {
         detach(&self.mountpoint);
     }
 
+    /// Sends `signal` to the daemon and waits for it to exit; returns its exit status.
+    pub fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal daemon");
+        wait_timeout(&mut child, Duration::from_secs(30)).expect("daemon did not exit on signal")
+    }
+
     /// Mounts the same data dir again, with the same options.
     pub fn remount(&mut self) {
         assert!(self.child.is_none(), "remount of a live mount");
