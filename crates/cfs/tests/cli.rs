@@ -206,16 +206,30 @@ fn scopeguard(p: &Path) -> Detach<'_> {
 
 #[test]
 fn sigterm_and_sigint_unmount_cleanly() {
-    for signal in [nix::sys::signal::Signal::SIGTERM, nix::sys::signal::Signal::SIGINT] {
+    for signal in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
         let root = scratch("cli-signal");
         let mut m = Mount::start(root.path(), &[]);
         std::fs::write(m.path("f"), b"kept").expect("write");
         let status = m.signal_and_wait(signal);
-        assert!(status.success(), "daemon exit on {signal}: {status}\n{}", m.log_text());
+        assert!(
+            status.success(),
+            "daemon exit on {signal}: {status}\n{}",
+            m.log_text()
+        );
         assert!(!is_mounted(&m.mountpoint), "still mounted after {signal}");
-        assert!(m.data_dir.join("clean").exists(), "clean marker after {signal}");
+        assert!(
+            m.data_dir.join("clean").exists(),
+            "clean marker after {signal}"
+        );
         let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         m.remount();
         assert_eq!(std::fs::read(m.path("f")).expect("read"), b"kept");
     }

@@ -84,3 +84,25 @@ pub fn to_file_attr(inode: &Inode, data: Option<DataAttr>) -> FileAttr {
         flags: 0,
     }
 }
+
+/// The attributes of a negative lookup reply: inode 0 means "no such entry" to the kernel.
+pub fn negative_entry() -> FileAttr {
+    let epoch = std::time::UNIX_EPOCH;
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: epoch,
+        mtime: epoch,
+        ctime: epoch,
+        crtime: epoch,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}

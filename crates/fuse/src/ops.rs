@@ -315,11 +315,17 @@ impl Filesystem for ClaudeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self
-            .meta
-            .lookup(parent.0, name.as_bytes())
-            .map_err(Into::into);
-        self.entry(reply, "lookup", r);
+        match self.meta.lookup(parent.0, name.as_bytes()) {
+            // A negative entry (inode 0) lets the kernel cache the miss for the entry TTL, so
+            // compilers and git probing absent paths cost one request, not one per probe.
+            // Every create goes through this kernel, which drops the cached miss.
+            Err(cfs_meta::MetaError::NotFound) if !self.opts.entry_ttl.is_zero() => reply.entry(
+                &self.opts.entry_ttl,
+                &crate::attr::negative_entry(),
+                Generation(0),
+            ),
+            r => self.entry(reply, "lookup", r.map_err(Into::into)),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {

@@ -146,7 +146,10 @@ impl Mount {
     }
 
     /// Sends `signal` to the daemon and waits for it to exit; returns its exit status.
-    pub fn signal_and_wait(&mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+    pub fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, signal).expect("signal daemon");
