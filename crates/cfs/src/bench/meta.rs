@@ -56,10 +56,10 @@ pub fn run_all(root: &Path, files: u64, threads: usize) -> Result<Vec<Rate>> {
                             std::fs::File::create(&p)
                                 .with_context(|| format!("create {}", p.display()))?,
                         ),
-                        1 => drop(
+                        1 => {
                             std::fs::symlink_metadata(&p)
-                                .with_context(|| format!("stat {}", p.display()))?,
-                        ),
+                                .with_context(|| format!("stat {}", p.display()))?;
+                        }
                         _ => std::fs::remove_file(&p)
                             .with_context(|| format!("unlink {}", p.display()))?,
                     }
