@@ -100,7 +100,17 @@ impl ClaudeFs {
             now: now(),
         };
         match self.meta.execute(&op) {
-            Ok(outcome) => Ok((Self::inode_outcome(outcome)?, file)),
+            Ok(outcome) => {
+                let inode = Self::inode_outcome(outcome)?;
+                if let Some(f) = &file {
+                    // Give the backing file the inode's times, so that closing a file that
+                    // was created but never written finds nothing to record.
+                    let spec =
+                        |t: Timestamp| nix::sys::time::TimeSpec::new(t.secs, i64::from(t.nanos));
+                    nix::sys::stat::futimens(f, &spec(inode.atime), &spec(inode.mtime))?;
+                }
+                Ok((inode, file))
+            }
             Err(e) => {
                 if file.is_some() {
                     let _ = self.flash.remove(ino);
