@@ -1,0 +1,307 @@
+//! The conformance suite against every in-process backend, and the fault-injection runs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+use crate::conformance::{conformance, test_body};
+use crate::*;
+
+/// Fast enough for unit tests, patient enough to outlast the injected fault rates: with
+/// about a 1-in-4 chance of a fault per attempt, 12 attempts all failing is ~1e-7.
+fn test_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 12,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(10),
+    }
+}
+
+/// The seed for a fault run: `CFS_FAULT_SEED` to replay one, else fresh. Printed either way.
+fn fault_seed(test: &str) -> u64 {
+    let seed = match std::env::var("CFS_FAULT_SEED") {
+        Ok(s) => s
+            .trim()
+            .trim_start_matches("0x")
+            .parse::<u64>()
+            .or_else(|_| u64::from_str_radix(s.trim().trim_start_matches("0x"), 16))
+            .unwrap_or_else(|_| panic!("CFS_FAULT_SEED={s:?} is not a u64")),
+        Err(_) => SplitMix64::from_entropy().next_u64(),
+    };
+    eprintln!("{test}: fault seed {seed} (replay with CFS_FAULT_SEED={seed})");
+    seed
+}
+
+fn memory_store() -> BlobStore {
+    BlobStore::new(Arc::new(InMemory::new()), "")
+        .expect("store")
+        .with_retry(test_retry())
+}
+
+#[tokio::test]
+async fn conformance_memory() {
+    let url: StoreUrl = "memory:///some/prefix".parse().expect("url");
+    let store = url
+        .open(&S3Options::default())
+        .expect("open")
+        .with_retry(test_retry());
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn conformance_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url: StoreUrl = format!("file://{}/objects", dir.path().display())
+        .parse()
+        .expect("url");
+    let store = url
+        .open(&S3Options::default())
+        .expect("open")
+        .with_retry(test_retry());
+    conformance(&store).await;
+    // Everything was deleted, and automatic cleanup removed the emptied directories.
+    let left: Vec<_> = walk(&dir.path().join("objects"));
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Every retryable fault except bit flips (which only a checksum can catch, see
+/// `corrupt_bodies_are_never_returned`): the suite must pass unchanged through them.
+#[tokio::test]
+async fn conformance_through_faults_with_retries() {
+    let seed = fault_seed("conformance_through_faults_with_retries");
+    let faults = Faults {
+        latency: 0.2,
+        max_latency: Duration::from_millis(2),
+        error: 0.1,
+        reset: 0.1,
+        truncate: 0.1,
+        corrupt: 0.0,
+    };
+    let faulty = FaultyStore::new(Arc::new(InMemory::new()), seed, faults);
+    let store = BlobStore::new(Arc::new(faulty.clone()), "p")
+        .expect("store")
+        .with_retry(test_retry());
+    conformance(&store).await;
+    let stats = faulty.stats();
+    eprintln!("injected: {stats:?}");
+    assert!(
+        stats.errors + stats.resets + stats.truncations > 10,
+        "too few faults were injected to mean anything: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_bodies_are_never_returned() {
+    let seed = fault_seed("corrupt_bodies_are_never_returned");
+    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let faults = Faults {
+        error: 0.1,
+        truncate: 0.2,
+        corrupt: 0.3,
+        ..Faults::none()
+    };
+    let faulty = FaultyStore::new(Arc::clone(&inner), seed, faults);
+    let retrying = BlobStore::new(Arc::new(faulty.clone()), "")
+        .expect("store")
+        .with_retry(RetryPolicy {
+            max_attempts: 3,
+            ..test_retry()
+        });
+    let once = retrying.clone().with_retry(RetryPolicy::none());
+    let clean = BlobStore::new(inner, "").expect("store");
+
+    let fs = FsId::new("corrupt-test").expect("fs id");
+    let mut ok = 0;
+    let mut refused = 0;
+    for ino in 0..40u64 {
+        let key = BlobKey::new(fs.clone(), ino, 0, 1).object_key();
+        let body = test_body(ino, 1 + (ino as usize * 997) % 20_000);
+        let crc = crc32c::crc32c(&body);
+        clean.put(&key, body.clone()).await.expect("put");
+        for store in [&retrying, &once] {
+            match store.get_verified(&key, body.len() as u64, crc).await {
+                Ok(got) => {
+                    assert_eq!(got, body, "wrong bytes returned for {key} (seed {seed})");
+                    ok += 1;
+                }
+                Err(TierError::Corrupt { .. } | TierError::Unavailable { .. }) => refused += 1,
+                Err(e) => panic!("unexpected error for {key}: {e} (seed {seed})"),
+            }
+        }
+    }
+    let stats = faulty.stats();
+    eprintln!("ok {ok}, refused {refused}, injected {stats:?}");
+    assert!(stats.corruptions > 0 && stats.truncations > 0, "{stats:?}");
+    assert!(ok > 0 && refused > 0, "ok {ok}, refused {refused}");
+
+    // With every body damaged, nothing is ever returned, retries or not.
+    let always = Faults {
+        corrupt: 1.0,
+        ..Faults::none()
+    };
+    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let broken = BlobStore::new(
+        Arc::new(FaultyStore::new(Arc::clone(&inner), seed, always)),
+        "",
+    )
+    .expect("store")
+    .with_retry(RetryPolicy {
+        max_attempts: 3,
+        ..test_retry()
+    });
+    let key = ObjectKey::new("k").expect("key");
+    let body = test_body(1, 4096);
+    broken.put(&key, body.clone()).await.expect("put");
+    let r = broken.get_verified(&key, 4096, crc32c::crc32c(&body)).await;
+    assert!(matches!(r, Err(TierError::Corrupt { .. })), "{r:?}");
+}
+
+#[tokio::test]
+async fn corrupt_reports_exact_fingerprints() {
+    let store = memory_store();
+    let key = ObjectKey::new("fs/blobs/1/0/1").expect("key");
+    let body = test_body(3, 1000);
+    let crc = crc32c::crc32c(&body);
+    store.put(&key, body).await.expect("put");
+    match store.get_verified(&key, 1000, !crc).await {
+        Err(TierError::Corrupt {
+            key: k,
+            expected,
+            found,
+        }) => {
+            assert_eq!(k, "fs/blobs/1/0/1");
+            assert_eq!(
+                expected,
+                Fingerprint {
+                    len: 1000,
+                    crc32c: Some(!crc)
+                }
+            );
+            assert_eq!(
+                found,
+                Fingerprint {
+                    len: 1000,
+                    crc32c: Some(crc)
+                }
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match store.get_verified(&key, 999, crc).await {
+        Err(TierError::Corrupt { found, .. }) => {
+            assert_eq!(
+                found,
+                Fingerprint {
+                    len: 1000,
+                    crc32c: None
+                }
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn prefix_is_prepended() {
+    let inner = Arc::new(InMemory::new());
+    let store = BlobStore::new(inner.clone(), "/tenant/a/").expect("store");
+    assert_eq!(store.prefix(), "tenant/a");
+    let key = ObjectKey::new("fs/meta/HEAD").expect("key");
+    store.put(&key, "x".into()).await.expect("put");
+    let r = inner.get(&Path::from("tenant/a/fs/meta/HEAD")).await;
+    assert_eq!(&r.expect("get").bytes().await.expect("body")[..], b"x");
+    assert!(BlobStore::new(inner, "a/../b").is_err());
+}
+
+/// A store that serves only GET (no HEAD), PUT and single DELETE, and fails the test on
+/// anything else. Running the suite through it proves BlobStore needs nothing more.
+#[derive(Debug)]
+struct OnlyGetPutDelete(InMemory);
+
+impl std::fmt::Display for OnlyGetPutDelete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OnlyGetPutDelete")
+    }
+}
+
+fn forbidden(op: &str) -> ! {
+    panic!("BlobStore used {op}; it may only GET, PUT and DELETE")
+}
+
+#[async_trait]
+impl ObjectStore for OnlyGetPutDelete {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        assert_eq!(
+            opts.mode,
+            object_store::PutMode::Overwrite,
+            "conditional PUT"
+        );
+        self.0.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(
+        &self,
+        _: &Path,
+        _: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        forbidden("multipart upload")
+    }
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if options.head {
+            forbidden("HEAD")
+        }
+        self.0.get_opts(location, options).await
+    }
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.0.delete_stream(locations)
+    }
+    fn list(&self, _: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        forbidden("LIST")
+    }
+    async fn list_with_delimiter(&self, _: Option<&Path>) -> object_store::Result<ListResult> {
+        forbidden("LIST")
+    }
+    async fn copy_opts(&self, _: &Path, _: &Path, _: CopyOptions) -> object_store::Result<()> {
+        forbidden("COPY")
+    }
+}
+
+#[tokio::test]
+async fn conformance_uses_only_get_put_delete() {
+    let store = BlobStore::new(Arc::new(OnlyGetPutDelete(InMemory::new())), "")
+        .expect("store")
+        .with_retry(test_retry());
+    conformance(&store).await;
+}

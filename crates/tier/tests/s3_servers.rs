@@ -1,0 +1,231 @@
+//! The conformance suite against real S3-compatible servers on loopback: s3s-fs (a Rust
+//! server over a directory) and moto (the Python AWS emulator). Both are real processes
+//! spoken to over HTTP with signed requests, exactly as a production bucket would be.
+//!
+//! A missing server binary fails the test (run `scripts/install-deps`): a skipped S3 test
+//! would look green while proving nothing.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cfs_tier::conformance::conformance;
+use cfs_tier::{BlobStore, RetryPolicy, S3Options, StoreUrl};
+
+const ACCESS_KEY: &str = "cfs-test-access";
+const SECRET_KEY: &str = "cfs-test-secret-key";
+const BUCKET: &str = "cfs-conformance";
+const INSTALL_HINT: &str = "run scripts/install-deps";
+
+/// A server process that is killed when the test ends, however it ends.
+struct Server {
+    name: &'static str,
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    // Holds the server's data directory and log until the process is gone.
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the server accepts connections; fails with its log if it exits or
+    /// takes too long.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before accepting connections ({INSTALL_HINT}?)\n{}",
+                    self.name,
+                    self.log_text()
+                );
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen on {} within 60 s\n{}",
+                self.name,
+                self.addr,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn store(&self) -> BlobStore {
+        let url: StoreUrl = format!("s3://{BUCKET}/runs").parse().expect("url");
+        let opts = S3Options {
+            endpoint: Some(format!("http://{}", self.addr)),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(ACCESS_KEY.into()),
+            secret_access_key: Some(SECRET_KEY.into()),
+            allow_http: None,
+        };
+        url.open(&opts)
+            .expect("open s3 store")
+            .with_retry(RetryPolicy {
+                max_attempts: 4,
+                base_delay: Duration::from_millis(10),
+                max_delay: Duration::from_millis(200),
+            })
+    }
+}
+
+/// A port that was free a moment ago. The server binds it right after; the race with
+/// another process taking it in between is harmless in practice and fails loudly if not.
+fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// `name` on PATH, or in cargo's bin directory (where `cargo install` puts it, and which
+/// a non-login shell may not have on PATH).
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    dirs.extend(cargo_home.map(|c| c.join("bin")));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, dir: tempfile::TempDir) -> Server {
+    let log = dir.path().join(format!("{name}.log"));
+    let out = File::create(&log).expect("create server log");
+    let err = out.try_clone().expect("clone log handle");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e} ({INSTALL_HINT})"));
+    let mut server = Server {
+        name,
+        child,
+        addr,
+        log,
+        _dir: dir,
+    };
+    server.wait_ready();
+    server
+}
+
+fn start_s3s_fs() -> Server {
+    let bin = find_binary("s3s-fs")
+        .unwrap_or_else(|| panic!("s3s-fs not found on PATH or in ~/.cargo/bin: {INSTALL_HINT}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    // s3s-fs serves each subdirectory of its root as a bucket.
+    std::fs::create_dir_all(root.join(BUCKET)).expect("create bucket directory");
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .arg(&root);
+    spawn("s3s-fs", cmd, (Ipv4Addr::LOCALHOST, port).into(), dir)
+}
+
+fn start_moto() -> Server {
+    // The same interpreter scripts/install-deps installs into (python3 -m pip).
+    let ok = Command::new("python3")
+        .args(["-c", "import moto.server, flask"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "moto server is not installed for python3: {INSTALL_HINT}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "moto.server",
+        "-H",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+    ]);
+    let server = spawn("moto", cmd, (Ipv4Addr::LOCALHOST, port).into(), dir);
+    create_bucket_unsigned(server.addr, BUCKET);
+    server
+}
+
+/// Creates a bucket with a bare `PUT /bucket`. moto does not check signatures, and this
+/// keeps bucket administration (CreateBucket is not in the tier's vocabulary) out of the
+/// crate and out of object_store.
+fn create_bucket_unsigned(addr: SocketAddr, bucket: &str) {
+    let mut s = TcpStream::connect(addr).expect("connect to moto");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(
+        s,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send CreateBucket");
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"),
+        "moto refused CreateBucket: {reply}"
+    );
+}
+
+/// The methods in moto's access log (werkzeug: `"PUT /bucket/key HTTP/1.1" 200 -`).
+fn logged_requests(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split('"').nth(1))
+        .filter(|r| r.ends_with("HTTP/1.1") || r.ends_with("HTTP/1.0"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_s3s_fs() {
+    let server = start_s3s_fs();
+    conformance(&server.store()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_moto() {
+    let server = start_moto();
+    conformance(&server.store()).await;
+
+    // On the wire, the tier must have used nothing but GET, PUT and DELETE of single
+    // objects: no LIST, no HEAD, no multipart, no bulk-delete POST.
+    let requests = logged_requests(&server.log_text());
+    eprintln!("moto served {} requests", requests.len());
+    assert!(
+        requests.len() > 50,
+        "moto logged too few requests: {requests:?}"
+    );
+    for r in &requests {
+        let (method, target) = r.split_once(' ').unwrap_or((r, ""));
+        assert!(
+            matches!(method, "GET" | "PUT" | "DELETE"),
+            "tier sent {r:?}; only GET, PUT and DELETE are allowed"
+        );
+        for banned in ["list-type", "uploads", "uploadId", "?delete"] {
+            assert!(!target.contains(banned), "tier sent {r:?}");
+        }
+    }
+}
