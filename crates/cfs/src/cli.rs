@@ -78,6 +78,24 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub threads: usize,
+
+    /// Object store behind the flash tier: s3://bucket/prefix, file:///abs/path or memory://.
+    /// Changed files are uploaded to it as 64 MiB blobs. Without it there is no object tier.
+    #[arg(long, value_name = "URL")]
+    pub object_store: Option<String>,
+
+    /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    pub s3_region: Option<String>,
+
+    /// Files uploaded concurrently.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub upload_concurrency: usize,
 }
 
 #[derive(Args, Debug)]

@@ -92,7 +92,7 @@ impl DataDir {
     /// Brings metadata and flash back in step before serving: purges inodes that were
     /// unlinked while open, and after an unclean stop also removes backing files that no
     /// committed inode owns and re-reads file sizes from the backing files.
-    pub fn recover(&self, meta: &MetaStore, flash: &FlashDir) -> Result<()> {
+    pub fn recover(&self, meta: &MetaStore, flash: &FlashDir, tier: bool) -> Result<()> {
         let clean = self.clean_marker().exists();
         let _ = std::fs::remove_file(self.clean_marker());
         let mut purged = 0;
@@ -107,7 +107,7 @@ impl DataDir {
             let mut files = std::collections::HashMap::new();
             meta.for_each_inode(|inode| {
                 if inode.kind == FileKind::File {
-                    files.insert(inode.ino, inode.size);
+                    files.insert(inode.ino, (inode.size, inode.mtime));
                 }
                 Ok(())
             })?;
@@ -118,9 +118,15 @@ impl DataDir {
                             flash.remove(ino)?;
                             stray += 1;
                         }
-                        Some(&recorded) if recorded != size => {
+                        Some(&(size_then, mtime_then)) => {
                             let md = flash.metadata(ino)?;
                             let d = cfs_fuse::DataAttr::from_metadata(&md);
+                            if size_then == size && mtime_then == d.mtime {
+                                continue;
+                            }
+                            // Written after its metadata was last recorded (passthrough
+                            // writes before the crash): record it and, with an object tier,
+                            // queue it for upload.
                             meta.execute(&Op::SyncData {
                                 ino,
                                 size: d.size,
@@ -128,9 +134,11 @@ impl DataDir {
                                 mtime: d.mtime,
                                 ctime: d.ctime,
                             })?;
+                            if tier {
+                                meta.execute(&Op::MarkDirty { ino })?;
+                            }
                             resized += 1;
                         }
-                        Some(_) => {}
                     },
                     Err(path) => {
                         tracing::warn!(path = %path.display(), "unknown file in flash dir left alone")
@@ -144,7 +152,7 @@ impl DataDir {
                 clean,
                 purged,
                 stray_backing_files = stray,
-                sizes_updated = resized,
+                files_changed = resized,
                 "recovery done"
             );
         }

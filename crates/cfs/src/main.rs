@@ -8,6 +8,7 @@ mod fsck;
 mod mount;
 mod mounts;
 mod status;
+mod tier;
 
 use clap::Parser;
 use cli::{Cli, Command};

@@ -80,6 +80,13 @@ pub fn run(args: MountArgs) -> Result<()> {
     if args.threads == 0 || args.threads > 256 {
         bail!("--threads must be between 1 and 256");
     }
+    if args.upload_concurrency == 0 || args.upload_concurrency > 256 {
+        bail!("--upload-concurrency must be between 1 and 256");
+    }
+    if let Some(url) = &args.object_store {
+        url.parse::<cfs_tier::StoreUrl>()
+            .with_context(|| format!("bad --object-store {url:?}"))?;
+    }
     let data_dir = resolve_data_dir(&args)?;
     if args.background {
         return spawn_background(&args, &data_dir, &mountpoint);
@@ -95,17 +102,22 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     if created {
         tracing::info!(data_dir = %data_dir.display(), fs_id = meta.fs_id(), "created a new filesystem");
     }
-    dir.recover(&meta, &flash)?;
+    dir.recover(&meta, &flash, args.object_store.is_some())?;
 
     let mut passthrough = !args.no_passthrough;
     if passthrough && !may_passthrough() {
         tracing::warn!("passthrough needs root (CAP_SYS_ADMIN); serving I/O through the daemon");
         passthrough = false;
     }
+    let tier = match &args.object_store {
+        Some(url) => Some(crate::tier::start(url, args, &meta, &flash)?),
+        None => None,
+    };
     let opts = FsOptions {
         passthrough,
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         entry_ttl: Duration::from_secs_f64(args.entry_ttl),
+        on_data_change: tier.as_ref().map(|t| t.hook()),
     };
     let mut fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
     let ready_fd = take_ready_fd();
@@ -145,6 +157,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     crate::control::serve(
         &dir.socket_path(),
         live,
+        tier.as_ref().map(|t| t.stats()),
         Arc::clone(&meta),
         data_dir.to_path_buf(),
         mountpoint.to_path_buf(),
@@ -239,6 +252,17 @@ fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Res
     cmd.arg("--attr-ttl").arg(args.attr_ttl.to_string());
     cmd.arg("--entry-ttl").arg(args.entry_ttl.to_string());
     cmd.arg("--threads").arg(args.threads.to_string());
+    cmd.arg("--upload-concurrency")
+        .arg(args.upload_concurrency.to_string());
+    for (flag, value) in [
+        ("--object-store", &args.object_store),
+        ("--s3-endpoint", &args.s3_endpoint),
+        ("--s3-region", &args.s3_region),
+    ] {
+        if let Some(v) = value {
+            cmd.arg(flag).arg(v);
+        }
+    }
     for (flag, on) in [
         ("--no-passthrough", args.no_passthrough),
         ("--read-only", args.read_only),

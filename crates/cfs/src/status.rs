@@ -22,6 +22,19 @@ pub struct Status {
     pub flash_free_bytes: u64,
     pub passthrough_active: Option<bool>,
     pub open_handles: Option<usize>,
+    /// Object tier: what the store holds and what is still owed to it.
+    pub tier: cfs_meta::TierCounts,
+    /// Uploader counters since the mount started (mounted with an object store only).
+    pub uploads: Option<UploadCounters>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UploadCounters {
+    pub blobs_uploaded: u64,
+    pub bytes_uploaded: u64,
+    pub objects_deleted: u64,
+    pub errors: u64,
+    pub files_in_flight: u64,
 }
 
 impl Status {
@@ -29,7 +42,9 @@ impl Status {
         meta: &MetaStore,
         flash_root: &Path,
         live: Option<(&FsStatus, &Path)>,
+        uploads: Option<&cfs_tier::uploader::UploadStats>,
     ) -> Result<Status> {
+        use std::sync::atomic::Ordering::Relaxed;
         let counts = meta.counts()?;
         let flash = FlashDir::open(flash_root)?;
         let used = flash
@@ -51,6 +66,14 @@ impl Status {
             flash_free_bytes: cap.blocks_avail * cap.block_size,
             passthrough_active: live.map(|(s, _)| s.passthrough_active),
             open_handles: live.map(|(s, _)| s.open_handles),
+            tier: meta.tier_counts()?,
+            uploads: uploads.map(|u| UploadCounters {
+                blobs_uploaded: u.blobs_uploaded.load(Relaxed),
+                bytes_uploaded: u.bytes_uploaded.load(Relaxed),
+                objects_deleted: u.objects_deleted.load(Relaxed),
+                errors: u.errors.load(Relaxed),
+                files_in_flight: u.files_in_flight.load(Relaxed),
+            }),
         })
     }
 
@@ -80,6 +103,24 @@ impl Status {
         if let Some(n) = self.open_handles {
             println!("open files   {n}");
         }
+        let t = &self.tier;
+        println!(
+            "object tier  {} blobs ({:.2} GiB) stored, {} files waiting for upload, {} objects waiting for delete",
+            t.blobs_stored,
+            gib(t.bytes_stored),
+            t.files_dirty,
+            t.deletes_pending
+        );
+        if let Some(u) = &self.uploads {
+            println!(
+                "uploads      {} blobs ({:.2} GiB) since mount, {} deleted, {} errors, {} files in flight",
+                u.blobs_uploaded,
+                gib(u.bytes_uploaded),
+                u.objects_deleted,
+                u.errors,
+                u.files_in_flight
+            );
+        }
     }
 }
 
@@ -101,7 +142,7 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
             );
         }
         match dir.open() {
-            Ok((meta, _, _)) => Status::collect(&meta, &dir.flash_path(), None)?,
+            Ok((meta, _, _)) => Status::collect(&meta, &dir.flash_path(), None, None)?,
             // The database is locked by a running mount: ask it instead.
             Err(_) if dir.socket_path().exists() => {
                 crate::control::request_status(&dir.socket_path())

@@ -12,12 +12,29 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Mount-time choices that change how requests are served.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FsOptions {
     /// Hand the kernel backing fds, if it supports passthrough.
     pub passthrough: bool,
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
+    /// Called after a file's data changed on flash, once the change is on the persistent
+    /// upload queue. Set when an object tier is configured.
+    pub on_data_change: Option<DataChangeHook>,
+}
+
+/// Wakes the object tier's uploader.
+pub type DataChangeHook = Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for FsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsOptions")
+            .field("passthrough", &self.passthrough)
+            .field("attr_ttl", &self.attr_ttl)
+            .field("entry_ttl", &self.entry_ttl)
+            .field("object_tier", &self.on_data_change.is_some())
+            .finish()
+    }
 }
 
 impl Default for FsOptions {
@@ -26,6 +43,7 @@ impl Default for FsOptions {
             passthrough: true,
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
+            on_data_change: None,
         }
     }
 }
@@ -129,7 +147,19 @@ impl ClaudeFs {
                 mtime: d.mtime,
                 ctime: d.ctime,
             }) {
-                Ok(_) | Err(cfs_meta::MetaError::NotFound) => {}
+                Ok(_) => self.data_changed(ino)?,
+                Err(cfs_meta::MetaError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the file for upload, if there is an object tier.
+    pub(crate) fn data_changed(&self, ino: u64) -> FsResult<()> {
+        if let Some(hook) = &self.opts.on_data_change {
+            match self.meta.execute(&Op::MarkDirty { ino }) {
+                Ok(_) | Err(cfs_meta::MetaError::NotFound) => hook(),
                 Err(e) => return Err(e.into()),
             }
         }

@@ -214,6 +214,7 @@ impl ClaudeFs {
             };
             if let Some(size) = attr.size {
                 file.set_len(size)?;
+                self.data_changed(ino.0)?;
             }
             if attr.atime.is_some() || attr.mtime.is_some() {
                 let spec = |t: Option<Timestamp>| match t {

@@ -25,6 +25,9 @@ pub(crate) struct Tx<'t> {
     xattrs: Table<'t, (u64, &'static [u8]), &'static [u8]>,
     orphans: Table<'t, u64, ()>,
     sup: Table<'t, &'static str, &'static [u8]>,
+    pub(crate) blobs: Table<'t, (u64, u64), (u64, u64, u32)>,
+    pub(crate) dirty: Table<'t, u64, ()>,
+    pub(crate) deletes: Table<'t, (u64, u64, u64), ()>,
     touched: HashMap<Ino, Inode>,
     deleted: Vec<Ino>,
 }
@@ -38,6 +41,9 @@ impl<'t> Tx<'t> {
             xattrs: txn.open_table(XATTRS)?,
             orphans: txn.open_table(ORPHANS)?,
             sup: txn.open_table(SUPER)?,
+            blobs: txn.open_table(BLOBS)?,
+            dirty: txn.open_table(DIRTY)?,
+            deletes: txn.open_table(DELETES)?,
             touched: HashMap::new(),
             deleted: Vec::new(),
         })
@@ -53,7 +59,7 @@ impl<'t> Tx<'t> {
         Ok(())
     }
 
-    fn inode(&mut self, ino: Ino) -> Result<&mut Inode> {
+    pub(crate) fn inode(&mut self, ino: Ino) -> Result<&mut Inode> {
         if !self.touched.contains_key(&ino) {
             let inode = match self.inodes.get(ino)? {
                 Some(bytes) => decode_inode(ino, bytes.value())?,
@@ -219,6 +225,23 @@ impl<'t> Tx<'t> {
                 Ok(Outcome::Inode(inode.clone()))
             }
             Op::Purge { ino } => self.purge(*ino),
+            Op::MarkDirty { ino } => {
+                self.inode(*ino)?;
+                self.dirty.insert(*ino, ())?;
+                Ok(Outcome::Done)
+            }
+            Op::CommitBlobs {
+                ino,
+                blobs,
+                blob_count,
+                clean,
+            } => self.commit_blobs(*ino, blobs, *blob_count, *clean),
+            Op::BlobsDeleted { blobs } => {
+                for b in blobs {
+                    self.deletes.remove(*b)?;
+                }
+                Ok(Outcome::Done)
+            }
         }
     }
 
@@ -586,6 +609,9 @@ impl<'t> Tx<'t> {
         for name in names {
             self.xattrs.remove((ino, name.as_slice()))?;
         }
+        // Its objects go to the delete queue; the uploader DELETEs them.
+        self.retire_blobs(ino, 0)?;
+        self.dirty.remove(ino)?;
         self.touched.remove(&ino);
         self.deleted.push(ino);
         Ok(Outcome::Purged(Some(inode)))

@@ -7,6 +7,7 @@
 
 pub mod acl;
 mod apply;
+mod blobs;
 mod error;
 mod op;
 mod repair;
@@ -16,9 +17,9 @@ mod types;
 
 pub use apply::XATTR_SIZE_MAX;
 pub use error::{MetaError, Result};
-pub use op::{Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
+pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
 pub use repair::Repair;
-pub use store::{FORMAT_VERSION, MetaCounts, MetaStore};
+pub use store::{FORMAT_VERSION, MetaCounts, MetaStore, TierCounts};
 pub use types::*;
 
 #[cfg(test)]

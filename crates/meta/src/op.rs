@@ -123,6 +123,29 @@ pub enum Op {
     },
     /// Delete an inode that has no links left and that the kernel has forgotten.
     Purge { ino: Ino },
+    /// The file's data changed on flash and must be uploaded (the persistent upload queue).
+    MarkDirty { ino: Ino },
+    /// Record blobs uploaded for `ino`: each gets its new generation, and the generation it
+    /// replaces goes to the delete queue. Blobs at index `blob_count` and beyond (the file
+    /// shrank) are retired too. `clean` takes the file off the upload queue; it is false when
+    /// the file changed while it was being uploaded.
+    CommitBlobs {
+        ino: Ino,
+        blobs: Vec<BlobRecord>,
+        blob_count: u64,
+        clean: bool,
+    },
+    /// These objects were DELETEd from the object store: drop them from the delete queue.
+    BlobsDeleted { blobs: Vec<(Ino, u64, u64)> },
+}
+
+/// One uploaded blob: index `k` of the file, at `generation`, with its length and checksum.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobRecord {
+    pub k: u64,
+    pub generation: u64,
+    pub len: u64,
+    pub crc32c: u32,
 }
 
 /// What applying an operation produced.

@@ -28,6 +28,15 @@ pub struct MetaStore {
     sync_lock: Mutex<()>,
 }
 
+/// The object tier's bookkeeping, for `cfs status`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct TierCounts {
+    pub blobs_stored: u64,
+    pub bytes_stored: u64,
+    pub files_dirty: u64,
+    pub deletes_pending: u64,
+}
+
 /// Counts shown by `cfs status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct MetaCounts {
@@ -110,6 +119,9 @@ impl MetaStore {
             txn.open_table(LISTING)?;
             txn.open_table(XATTRS)?;
             txn.open_table(ORPHANS)?;
+            txn.open_table(BLOBS)?;
+            txn.open_table(DIRTY)?;
+            txn.open_table(DELETES)?;
             txn.commit()?;
         }
         let read = db.begin_read()?;
@@ -362,6 +374,63 @@ impl MetaStore {
             Ok(())
         })?;
         c.orphans = self.orphans()?.len() as u64;
+        Ok(c)
+    }
+
+    /// Files waiting for upload (the persistent upload queue), at most `limit`.
+    pub fn dirty_files(&self, limit: usize) -> Result<Vec<Ino>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(DIRTY)?;
+        table
+            .iter()?
+            .take(limit)
+            .map(|r| r.map(|(k, _)| k.value()).map_err(MetaError::from))
+            .collect()
+    }
+
+    /// The blobs of `ino` the object store holds, in index order.
+    pub fn blobs_of(&self, ino: Ino) -> Result<Vec<crate::BlobRecord>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(BLOBS)?;
+        table
+            .range((ino, 0)..=(ino, u64::MAX))?
+            .map(|r| {
+                r.map(|(k, v)| {
+                    let (generation, len, crc32c) = v.value();
+                    crate::BlobRecord {
+                        k: k.value().1,
+                        generation,
+                        len,
+                        crc32c,
+                    }
+                })
+                .map_err(MetaError::from)
+            })
+            .collect()
+    }
+
+    /// Objects waiting to be DELETEd, as (ino, blob index, generation), at most `limit`.
+    pub fn pending_deletes(&self, limit: usize) -> Result<Vec<(Ino, u64, u64)>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(DELETES)?;
+        table
+            .iter()?
+            .take(limit)
+            .map(|r| r.map(|(k, _)| k.value()).map_err(MetaError::from))
+            .collect()
+    }
+
+    /// What the tier holds and owes, for `cfs status`.
+    pub fn tier_counts(&self) -> Result<TierCounts> {
+        let read = self.db.begin_read()?;
+        let mut c = TierCounts::default();
+        for r in read.open_table(BLOBS)?.iter()? {
+            let (_, v) = r?;
+            c.blobs_stored += 1;
+            c.bytes_stored += v.value().1;
+        }
+        c.files_dirty = read.open_table(DIRTY)?.len()?;
+        c.deletes_pending = read.open_table(DELETES)?.len()?;
         Ok(c)
     }
 

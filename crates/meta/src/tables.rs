@@ -8,6 +8,9 @@
 //! | `xattrs`   | (ino, name)          | value                           |
 //! | `orphans`  | ino                  | () — unlinked, still referenced |
 //! | `super`    | key                  | bytes                           |
+//! | `blobs`    | (ino, k)             | (generation, len, crc32c)       |
+//! | `dirty`    | ino                  | () — written since last upload  |
+//! | `deletes`  | (ino, k, generation) | () — object to DELETE           |
 //!
 //! `listing` is the readdir order: cookies only grow, so a listing in progress is stable while
 //! the directory changes.
@@ -21,6 +24,10 @@ pub(crate) const DENTRIES: TableDefinition<(u64, &[u8]), (u64, u64, u8)> =
 pub(crate) const LISTING: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("listing");
 pub(crate) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition::new("xattrs");
 pub(crate) const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
+pub(crate) const BLOBS: TableDefinition<(u64, u64), (u64, u64, u32)> =
+    TableDefinition::new("blobs");
+pub(crate) const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
+pub(crate) const DELETES: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("deletes");
 pub(crate) const SUPER: TableDefinition<&str, &[u8]> = TableDefinition::new("super");
 
 pub(crate) const KEY_VERSION: &str = "format_version";

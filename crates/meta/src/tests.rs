@@ -2502,3 +2502,97 @@ fn random_operations_keep_invariants() {
     }
     assert!(ok > 200, "too few operations succeeded ({ok})");
 }
+
+fn blob(k: u64, generation: u64, len: u64) -> BlobRecord {
+    BlobRecord {
+        k,
+        generation,
+        len,
+        crc32c: (k * 31 + generation) as u32,
+    }
+}
+
+#[test]
+fn blob_generations_queue_old_objects_for_deletion() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "f", FileKind::File).expect("create");
+    s.execute(&Op::MarkDirty { ino: f.ino }).expect("dirty");
+    assert_eq!(s.dirty_files(10).expect("dirty"), vec![f.ino]);
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 1, 100), blob(1, 1, 50)],
+        blob_count: 2,
+        clean: true,
+    })
+    .expect("commit");
+    assert!(s.dirty_files(10).expect("dirty").is_empty());
+    assert!(
+        s.pending_deletes(10).expect("deletes").is_empty(),
+        "first generation replaces nothing"
+    );
+    assert_eq!(
+        s.blobs_of(f.ino).expect("blobs"),
+        vec![blob(0, 1, 100), blob(1, 1, 50)]
+    );
+
+    // Rewriting blob 0 and shrinking to one blob retires generation 1 of both.
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 2, 80)],
+        blob_count: 1,
+        clean: false,
+    })
+    .expect("commit");
+    assert_eq!(s.blobs_of(f.ino).expect("blobs"), vec![blob(0, 2, 80)]);
+    let mut pending = s.pending_deletes(10).expect("deletes");
+    pending.sort();
+    assert_eq!(pending, vec![(f.ino, 0, 1), (f.ino, 1, 1)]);
+    assert_eq!(
+        s.dirty_files(10).expect("dirty"),
+        Vec::<Ino>::new(),
+        "not clean, but was already off the queue"
+    );
+    s.execute(&Op::BlobsDeleted { blobs: pending })
+        .expect("deleted");
+    assert!(s.pending_deletes(10).expect("deletes").is_empty());
+    let c = s.tier_counts().expect("counts");
+    assert_eq!(
+        (c.blobs_stored, c.bytes_stored, c.deletes_pending),
+        (1, 80, 0)
+    );
+}
+
+#[test]
+fn purge_retires_every_blob_and_the_upload() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "f", FileKind::File).expect("create");
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 3, 10), blob(1, 4, 10)],
+        blob_count: 2,
+        clean: true,
+    })
+    .expect("commit");
+    s.execute(&Op::MarkDirty { ino: f.ino }).expect("dirty");
+    s.execute(&Op::Unlink {
+        parent: ROOT_INO,
+        name: b"f".to_vec(),
+        now: Timestamp::now(),
+    })
+    .expect("unlink");
+    s.execute(&Op::Purge { ino: f.ino }).expect("purge");
+    let mut pending = s.pending_deletes(10).expect("deletes");
+    pending.sort();
+    assert_eq!(pending, vec![(f.ino, 0, 3), (f.ino, 1, 4)]);
+    assert!(s.dirty_files(10).expect("dirty").is_empty());
+    assert!(s.blobs_of(f.ino).expect("blobs").is_empty());
+    // An upload that finishes after the purge only adds its objects to the delete queue.
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 5, 10)],
+        blob_count: 1,
+        clean: true,
+    })
+    .expect("late commit");
+    assert_eq!(s.pending_deletes(10).expect("deletes").len(), 3);
+}

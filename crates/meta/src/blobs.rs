@@ -1,0 +1,59 @@
+//! Blob bookkeeping for the object tier: which generation of each 64 MiB blob the object
+//! store holds, which files await upload, and which objects await deletion.
+//!
+//! Invariant: an object key is queued for deletion only in the same transaction that commits
+//! the generation replacing it (or purges its file), so the store never loses the newest
+//! committed copy of a blob.
+
+use crate::apply::Tx;
+use crate::op::{BlobRecord, Outcome};
+use crate::{Ino, Result};
+use redb::ReadableTable;
+
+impl Tx<'_> {
+    /// Queues for deletion every blob of `ino` with index `from` or above.
+    pub(crate) fn retire_blobs(&mut self, ino: Ino, from: u64) -> Result<()> {
+        let doomed: Vec<(u64, u64)> = self
+            .blobs
+            .range((ino, from)..=(ino, u64::MAX))?
+            .map(|r| r.map(|(k, v)| (k.value().1, v.value().0)))
+            .collect::<Result<_, _>>()?;
+        for (k, generation) in doomed {
+            self.blobs.remove((ino, k))?;
+            self.deletes.insert((ino, k, generation), ())?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn commit_blobs(
+        &mut self,
+        ino: Ino,
+        blobs: &[BlobRecord],
+        blob_count: u64,
+        clean: bool,
+    ) -> Result<Outcome> {
+        if self.inode(ino).is_err() {
+            // Purged while uploading: the new objects are orphans; queue them for deletion.
+            for b in blobs {
+                self.deletes.insert((ino, b.k, b.generation), ())?;
+            }
+            return Ok(Outcome::Done);
+        }
+        for b in blobs {
+            let old = self
+                .blobs
+                .insert((ino, b.k), (b.generation, b.len, b.crc32c))?;
+            if let Some(old) = old {
+                let (old_gen, _, _) = old.value();
+                if old_gen != b.generation {
+                    self.deletes.insert((ino, b.k, old_gen), ())?;
+                }
+            }
+        }
+        self.retire_blobs(ino, blob_count)?;
+        if clean {
+            self.dirty.remove(ino)?;
+        }
+        Ok(Outcome::Done)
+    }
+}
