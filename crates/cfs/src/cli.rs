@@ -67,12 +67,14 @@ pub struct MountArgs {
     #[arg(long)]
     pub allow_other: bool,
 
-    /// How long the kernel may cache attributes, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    /// How long the kernel may cache attributes, in seconds. On one node every change goes
+    /// through this kernel, which keeps its cache coherent, so a long TTL is safe and saves a
+    /// round trip per stat.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub attr_ttl: f64,
 
-    /// How long the kernel may cache directory entries, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    /// How long the kernel may cache directory entries (and misses), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub entry_ttl: f64,
 
     /// FUSE worker threads.

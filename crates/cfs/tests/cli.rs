@@ -164,13 +164,21 @@ fn background_mount_status_and_umount() {
     let guard = scopeguard(&mnt);
     assert!(is_mounted(&mnt));
     std::fs::write(mnt.join("f"), b"hello").expect("write");
-    let out = cfs(&["status", m, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    // The size is recorded when the kernel's RELEASE arrives, just after close returned.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let v = loop {
+        let out = cfs(&["status", m, "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        if v["bytes"] == 5 || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert_eq!(v["files"], 1);
     assert_eq!(v["bytes"], 5);
     assert_eq!(v["passthrough_active"], true);
