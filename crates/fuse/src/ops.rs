@@ -21,6 +21,10 @@ fn now() -> Timestamp {
     Timestamp::now()
 }
 
+fn timespec(t: Timestamp) -> nix::sys::time::TimeSpec {
+    nix::sys::time::TimeSpec::new(t.secs, i64::from(t.nanos))
+}
+
 fn time_or_now(t: TimeOrNow) -> Timestamp {
     match t {
         TimeOrNow::SpecificTime(t) => Timestamp::from(t),
@@ -105,9 +109,7 @@ impl ClaudeFs {
                 if let Some(f) = &file {
                     // Give the backing file the inode's times, so that closing a file that
                     // was created but never written finds nothing to record.
-                    let spec =
-                        |t: Timestamp| nix::sys::time::TimeSpec::new(t.secs, i64::from(t.nanos));
-                    nix::sys::stat::futimens(f, &spec(inode.atime), &spec(inode.mtime))?;
+                    nix::sys::stat::futimens(f, &timespec(inode.atime), &timespec(inode.mtime))?;
                 }
                 Ok((inode, file))
             }
@@ -217,10 +219,8 @@ impl ClaudeFs {
                 self.data_changed(ino.0)?;
             }
             if attr.atime.is_some() || attr.mtime.is_some() {
-                let spec = |t: Option<Timestamp>| match t {
-                    Some(t) => nix::sys::time::TimeSpec::new(t.secs, i64::from(t.nanos)),
-                    None => nix::sys::time::TimeSpec::UTIME_OMIT,
-                };
+                let spec =
+                    |t: Option<Timestamp>| t.map_or(nix::sys::time::TimeSpec::UTIME_OMIT, timespec);
                 nix::sys::stat::futimens(file, &spec(attr.atime), &spec(attr.mtime))?;
             }
         }
