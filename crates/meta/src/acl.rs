@@ -11,12 +11,12 @@ pub const ACCESS_XATTR: &[u8] = b"system.posix_acl_access";
 pub const DEFAULT_XATTR: &[u8] = b"system.posix_acl_default";
 
 const VERSION: u32 = 2;
-const USER_OBJ: u16 = 0x01;
-const USER: u16 = 0x02;
-const GROUP_OBJ: u16 = 0x04;
-const GROUP: u16 = 0x08;
-const MASK: u16 = 0x10;
-const OTHER: u16 = 0x20;
+pub(crate) const USER_OBJ: u16 = 0x01;
+pub(crate) const USER: u16 = 0x02;
+pub(crate) const GROUP_OBJ: u16 = 0x04;
+pub(crate) const GROUP: u16 = 0x08;
+pub(crate) const MASK: u16 = 0x10;
+pub(crate) const OTHER: u16 = 0x20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {

@@ -388,12 +388,7 @@ fn check_invariants(s: &MetaStore) {
 // POSIX ACL encoding for tests
 // ---------------------------------------------------------------------------------------------
 
-const USER_OBJ: u16 = 0x01;
-const USER: u16 = 0x02;
-const GROUP_OBJ: u16 = 0x04;
-const GROUP: u16 = 0x08;
-const MASK: u16 = 0x10;
-const OTHER: u16 = 0x20;
+use crate::acl::{GROUP, GROUP_OBJ, MASK, OTHER, USER, USER_OBJ};
 const NO_ID: u32 = u32::MAX;
 
 fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
