@@ -28,6 +28,7 @@ pub(crate) struct Tx<'t> {
     pub(crate) blobs: Table<'t, (u64, u64), (u64, u64, u32)>,
     pub(crate) dirty: Table<'t, u64, ()>,
     pub(crate) deletes: Table<'t, (u64, u64, u64), ()>,
+    pub(crate) evicted: Table<'t, (u64, u64), u64>,
     touched: HashMap<Ino, Inode>,
     deleted: Vec<Ino>,
 }
@@ -44,6 +45,7 @@ impl<'t> Tx<'t> {
             blobs: txn.open_table(BLOBS)?,
             dirty: txn.open_table(DIRTY)?,
             deletes: txn.open_table(DELETES)?,
+            evicted: txn.open_table(EVICTED)?,
             touched: HashMap::new(),
             deleted: Vec::new(),
         })
@@ -242,6 +244,14 @@ impl<'t> Tx<'t> {
                 }
                 Ok(Outcome::Done)
             }
+            Op::Evict { ino, blobs } => self.evict(*ino, blobs),
+            Op::Hydrated { ino, k, generation } => {
+                let current = self.evicted.get((*ino, *k))?.map(|g| g.value());
+                if current == Some(*generation) {
+                    self.evicted.remove((*ino, *k))?;
+                }
+                Ok(Outcome::Done)
+            }
         }
     }
 
@@ -325,6 +335,11 @@ impl<'t> Tx<'t> {
         if let Some(acl) = access_acl {
             self.xattrs
                 .insert((ino, acl::ACCESS_XATTR), acl.as_slice())?;
+        }
+        if kind == FileKind::File || kind == FileKind::Dir {
+            if let Some(policy) = self.xattr(parent, TIER_XATTR)? {
+                self.xattrs.insert((ino, TIER_XATTR), policy.as_slice())?;
+            }
         }
         if kind == FileKind::Dir {
             if let Some(def) = &default_acl {

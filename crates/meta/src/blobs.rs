@@ -20,6 +20,7 @@ impl Tx<'_> {
             .collect::<Result<_, _>>()?;
         for (k, generation) in doomed {
             self.blobs.remove((ino, k))?;
+            self.evicted.remove((ino, k))?;
             self.deletes.insert((ino, k, generation), ())?;
         }
         Ok(())
@@ -49,11 +50,30 @@ impl Tx<'_> {
                     self.deletes.insert((ino, b.k, old_gen), ())?;
                 }
             }
+            // A new generation was read off flash, so it is present.
+            self.evicted.remove((ino, b.k))?;
         }
         self.retire_blobs(ino, blob_count)?;
         if clean {
             self.dirty.remove(ino)?;
         }
         Ok(Outcome::Done)
+    }
+
+    /// Marks the blobs that may leave flash: committed at the given generation, of a clean
+    /// file. A dirty file's flash copy may differ from what the store holds.
+    pub(crate) fn evict(&mut self, ino: Ino, blobs: &[(u64, u64)]) -> Result<Outcome> {
+        if self.dirty.get(ino)?.is_some() {
+            return Ok(Outcome::Evicted(Vec::new()));
+        }
+        let mut marked = Vec::new();
+        for &(k, generation) in blobs {
+            let committed = self.blobs.get((ino, k))?.map(|v| v.value().0);
+            if committed == Some(generation) {
+                self.evicted.insert((ino, k), generation)?;
+                marked.push(k);
+            }
+        }
+        Ok(Outcome::Evicted(marked))
     }
 }

@@ -19,7 +19,8 @@ pub use apply::XATTR_SIZE_MAX;
 pub use error::{MetaError, Result};
 pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
 pub use repair::Repair;
-pub use store::{FORMAT_VERSION, MetaCounts, MetaStore, TierCounts};
+pub use store::{EvictCandidate, FORMAT_VERSION, MetaCounts, MetaStore, TierCounts};
+pub use tables::TIER_XATTR;
 pub use types::*;
 
 #[cfg(test)]

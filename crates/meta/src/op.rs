@@ -137,6 +137,12 @@ pub enum Op {
     },
     /// These objects were DELETEd from the object store: drop them from the delete queue.
     BlobsDeleted { blobs: Vec<(Ino, u64, u64)> },
+    /// Record that blobs `(k, generation)` of `ino` are about to leave flash. Only blobs whose
+    /// committed generation matches, of a file not on the upload queue, are marked: the
+    /// outcome lists them, and only those may then be punched out of the backing file.
+    Evict { ino: Ino, blobs: Vec<(u64, u64)> },
+    /// Blob `k` at `generation` is back on flash (written and synced to the backing file).
+    Hydrated { ino: Ino, k: u64, generation: u64 },
 }
 
 /// One uploaded blob: index `k` of the file, at `generation`, with its length and checksum.
@@ -160,5 +166,7 @@ pub enum Outcome {
     },
     /// `Purge` removed this inode (if it was still there).
     Purged(Option<crate::Inode>),
+    /// `Evict` marked these blob indices as evicted.
+    Evicted(Vec<u64>),
     Done,
 }

@@ -34,7 +34,20 @@ pub struct TierCounts {
     pub blobs_stored: u64,
     pub bytes_stored: u64,
     pub files_dirty: u64,
+    /// Bytes of the files on the upload queue (an upper bound on the flush backlog).
+    pub bytes_dirty: u64,
     pub deletes_pending: u64,
+    pub blobs_evicted: u64,
+    pub bytes_evicted: u64,
+}
+
+/// A blob that may be evicted: committed in the store, present on flash, its file clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvictCandidate {
+    pub ino: Ino,
+    pub k: u64,
+    pub generation: u64,
+    pub len: u64,
 }
 
 /// Counts shown by `cfs status`.
@@ -122,6 +135,7 @@ impl MetaStore {
             txn.open_table(BLOBS)?;
             txn.open_table(DIRTY)?;
             txn.open_table(DELETES)?;
+            txn.open_table(EVICTED)?;
             txn.commit()?;
         }
         let read = db.begin_read()?;
@@ -429,9 +443,67 @@ impl MetaStore {
             c.blobs_stored += 1;
             c.bytes_stored += v.value().1;
         }
-        c.files_dirty = read.open_table(DIRTY)?.len()?;
+        let inodes = read.open_table(INODES)?;
+        for r in read.open_table(DIRTY)?.iter()? {
+            let ino = r?.0.value();
+            c.files_dirty += 1;
+            if let Some(bytes) = inodes.get(ino)? {
+                c.bytes_dirty += decode_inode(ino, bytes.value())?.size;
+            }
+        }
         c.deletes_pending = read.open_table(DELETES)?.len()?;
+        let blobs = read.open_table(BLOBS)?;
+        for r in read.open_table(EVICTED)?.iter()? {
+            let (key, _) = r?;
+            c.blobs_evicted += 1;
+            if let Some(v) = blobs.get(key.value())? {
+                c.bytes_evicted += v.value().1;
+            }
+        }
         Ok(c)
+    }
+
+    /// The blobs of `ino` that are not on flash, as (k, generation), in index order.
+    pub fn evicted_of(&self, ino: Ino) -> Result<Vec<(u64, u64)>> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(EVICTED)?;
+        table
+            .range((ino, 0)..=(ino, u64::MAX))?
+            .map(|r| {
+                r.map(|(k, v)| (k.value().1, v.value()))
+                    .map_err(MetaError::from)
+            })
+            .collect()
+    }
+
+    /// Whether any blob of `ino` is off flash (then its opens go through the daemon).
+    pub fn has_evicted(&self, ino: Ino) -> Result<bool> {
+        let read = self.db.begin_read()?;
+        let table = read.open_table(EVICTED)?;
+        Ok(table.range((ino, 0)..=(ino, u64::MAX))?.next().is_some())
+    }
+
+    /// Every blob that could leave flash now: committed, present, of a clean file.
+    pub fn evict_candidates(&self) -> Result<Vec<EvictCandidate>> {
+        let read = self.db.begin_read()?;
+        let dirty = read.open_table(DIRTY)?;
+        let evicted = read.open_table(EVICTED)?;
+        let mut out = Vec::new();
+        for r in read.open_table(BLOBS)?.iter()? {
+            let (key, v) = r?;
+            let (ino, k) = key.value();
+            let (generation, len, _) = v.value();
+            if dirty.get(ino)?.is_some() || evicted.get((ino, k))?.is_some() {
+                continue;
+            }
+            out.push(EvictCandidate {
+                ino,
+                k,
+                generation,
+                len,
+            });
+        }
+        Ok(out)
     }
 
     /// The low-level repair tool for `fsck --repair`: applies raw fixes in one durable

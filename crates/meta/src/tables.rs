@@ -11,6 +11,7 @@
 //! | `blobs`    | (ino, k)             | (generation, len, crc32c)       |
 //! | `dirty`    | ino                  | () — written since last upload  |
 //! | `deletes`  | (ino, k, generation) | () — object to DELETE           |
+//! | `evicted`  | (ino, k)             | generation — not on flash       |
 //!
 //! `listing` is the readdir order: cookies only grow, so a listing in progress is stable while
 //! the directory changes.
@@ -28,11 +29,16 @@ pub(crate) const BLOBS: TableDefinition<(u64, u64), (u64, u64, u32)> =
     TableDefinition::new("blobs");
 pub(crate) const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
 pub(crate) const DELETES: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("deletes");
+pub(crate) const EVICTED: TableDefinition<(u64, u64), u64> = TableDefinition::new("evicted");
 pub(crate) const SUPER: TableDefinition<&str, &[u8]> = TableDefinition::new("super");
 
 pub(crate) const KEY_VERSION: &str = "format_version";
 pub(crate) const KEY_FS_ID: &str = "fs_id";
 pub(crate) const KEY_NEXT_INO: &str = "next_ino";
+
+/// The xattr that pins a file's data on flash (`flash`), pushes it out (`s3`) or leaves it to
+/// the watermarks (`auto`). New entries inherit their parent directory's value.
+pub const TIER_XATTR: &[u8] = b"user.cfs.tier";
 
 pub(crate) fn encode_inode(inode: &Inode) -> Result<Vec<u8>> {
     postcard::to_allocvec(inode).map_err(|e| MetaError::Corrupt(inode.ino, e.to_string()))

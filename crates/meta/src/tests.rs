@@ -2591,3 +2591,104 @@ fn purge_retires_every_blob_and_the_upload() {
     .expect("late commit");
     assert_eq!(s.pending_deletes(10).expect("deletes").len(), 3);
 }
+
+#[test]
+fn eviction_marks_only_committed_blobs_of_clean_files() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "f", FileKind::File).expect("create");
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 1, 100), blob(1, 1, 50)],
+        blob_count: 2,
+        clean: true,
+    })
+    .expect("commit");
+    assert_eq!(s.evict_candidates().expect("candidates").len(), 2);
+    // A stale generation is refused; the current one is marked.
+    let out = s
+        .execute(&Op::Evict {
+            ino: f.ino,
+            blobs: vec![(0, 1), (1, 7)],
+        })
+        .expect("evict");
+    assert_eq!(out, Outcome::Evicted(vec![0]));
+    assert_eq!(s.evicted_of(f.ino).expect("evicted"), vec![(0, 1)]);
+    assert!(s.has_evicted(f.ino).expect("has"));
+    let c = s.tier_counts().expect("counts");
+    assert_eq!((c.blobs_evicted, c.bytes_evicted), (1, 100));
+    assert_eq!(
+        s.evict_candidates().expect("candidates"),
+        vec![crate::EvictCandidate {
+            ino: f.ino,
+            k: 1,
+            generation: 1,
+            len: 50
+        }]
+    );
+
+    // A dirty file's flash copy may differ from the store: nothing is marked.
+    s.execute(&Op::MarkDirty { ino: f.ino }).expect("dirty");
+    let out = s
+        .execute(&Op::Evict {
+            ino: f.ino,
+            blobs: vec![(1, 1)],
+        })
+        .expect("evict");
+    assert_eq!(out, Outcome::Evicted(vec![]));
+    assert!(s.evict_candidates().expect("candidates").is_empty());
+
+    // Hydration of another generation changes nothing; of the right one, the blob is back.
+    s.execute(&Op::Hydrated {
+        ino: f.ino,
+        k: 0,
+        generation: 2,
+    })
+    .expect("hydrated");
+    assert!(s.has_evicted(f.ino).expect("has"));
+    s.execute(&Op::Hydrated {
+        ino: f.ino,
+        k: 0,
+        generation: 1,
+    })
+    .expect("hydrated");
+    assert!(!s.has_evicted(f.ino).expect("has"));
+}
+
+#[test]
+fn retiring_or_replacing_a_blob_forgets_its_eviction() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "f", FileKind::File).expect("create");
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 1, 100), blob(1, 1, 50)],
+        blob_count: 2,
+        clean: true,
+    })
+    .expect("commit");
+    s.execute(&Op::Evict {
+        ino: f.ino,
+        blobs: vec![(0, 1), (1, 1)],
+    })
+    .expect("evict");
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 2, 100)],
+        blob_count: 1,
+        clean: true,
+    })
+    .expect("commit");
+    assert!(s.evicted_of(f.ino).expect("evicted").is_empty());
+    assert_eq!(s.tier_counts().expect("counts").blobs_evicted, 0);
+}
+
+#[test]
+fn tier_policy_is_inherited_by_new_files_and_directories() {
+    let (_d, s) = store();
+    let d = create(&s, ROOT_INO, "d", FileKind::Dir).expect("mkdir");
+    setxattr(&s, d.ino, crate::TIER_XATTR, b"s3", XattrMode::Upsert).expect("setxattr");
+    let sub = create(&s, d.ino, "sub", FileKind::Dir).expect("mkdir");
+    let f = create(&s, sub.ino, "f", FileKind::File).expect("create");
+    assert_eq!(s.xattr(f.ino, crate::TIER_XATTR).expect("xattr"), b"s3");
+    let l = symlink(&s, d.ino, "l", b"f").expect("symlink");
+    assert!(s.xattr(l.ino, crate::TIER_XATTR).is_err());
+}
