@@ -82,7 +82,9 @@ pub struct MountArgs {
     pub threads: usize,
 
     /// Object store behind the flash tier: s3://bucket/prefix, file:///abs/path or memory://.
-    /// Changed files are uploaded to it as 64 MiB blobs. Without it there is no object tier.
+    /// Changed files are uploaded to it as 64 MiB blobs. The default is the local directory
+    /// DIR/objects. The first mount records the choice in DIR/tier.json; later mounts use it
+    /// and refuse a different one.
     #[arg(long, value_name = "URL")]
     pub object_store: Option<String>,
 
@@ -98,6 +100,81 @@ pub struct MountArgs {
     /// Files uploaded concurrently.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub upload_concurrency: usize,
+
+    /// Cap on the flash tier, e.g. 20G or 512M (K, M, G, T are powers of 1024). Default: the
+    /// size of the filesystem the data dir is on.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub flash_capacity: Option<u64>,
+
+    /// Flash usage, in percent of the capacity, above which clean blobs are evicted.
+    #[arg(long, value_name = "PCT", default_value_t = 80)]
+    pub high_watermark: u8,
+
+    /// Flash usage, in percent, down to which eviction goes once it started.
+    #[arg(long, value_name = "PCT", default_value_t = 60)]
+    pub low_watermark: u8,
+
+    /// `cache`: every changed blob is flushed to the object store at once, so flash is a
+    /// cache of the store. `tiered`: a blob is flushed once it is --flush-age old, or earlier
+    /// when flash fills past the high watermark.
+    #[arg(long, value_enum, default_value_t = TierMode::Cache)]
+    pub tier_mode: TierMode,
+
+    /// In tiered mode, how long a changed file stays on flash only, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub flush_age: u64,
+
+    /// How often the metadata checkpoint is written to the object store (at
+    /// <fs-id>/meta/HEAD), in seconds, when metadata changed. Also written at a clean unmount.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub checkpoint_interval: u64,
+}
+
+/// When changed data goes to the object store.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierMode {
+    Cache,
+    Tiered,
+}
+
+impl TierMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TierMode::Cache => "cache",
+            TierMode::Tiered => "tiered",
+        }
+    }
+}
+
+/// Parses a size such as `4096`, `512M` or `1.5G` (binary multiples), for --flash-capacity.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                'B' => 1,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&t[..i], mult)
+        }
+        _ => (t, 1),
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 1073741824, 512M, 20G)"))?;
+    if !value.is_finite() || value <= 0.0 {
+        return Err(format!("size {s:?} must be positive"));
+    }
+    let bytes = value * mult as f64;
+    if bytes > u64::MAX as f64 {
+        return Err(format!("size {s:?} is too large"));
+    }
+    Ok(bytes as u64)
 }
 
 #[derive(Args, Debug)]

@@ -6,6 +6,8 @@
 //! DIR/control.sock  status socket of the running mount
 //! DIR/cfs.log       daemon log when mounted with --background
 //! DIR/clean         present only after a clean unmount
+//! DIR/tier.json     the object store this filesystem's blobs live in (see TierConfig)
+//! DIR/objects/      the embedded default object store, a local directory
 //! ```
 
 use anyhow::{Context, Result, bail};
@@ -51,6 +53,13 @@ impl DataDir {
     }
     pub fn log_path(&self) -> PathBuf {
         self.root.join("cfs.log")
+    }
+    pub fn tier_config_path(&self) -> PathBuf {
+        self.root.join("tier.json")
+    }
+    /// The embedded default object store: a local directory standing in for S3.
+    pub fn default_objects_path(&self) -> PathBuf {
+        self.root.join("objects")
     }
     fn clean_marker(&self) -> PathBuf {
         self.root.join("clean")
@@ -162,6 +171,49 @@ impl DataDir {
     /// Records a clean stop, so the next mount can skip the full scan.
     pub fn mark_clean(&self) -> Result<()> {
         std::fs::write(self.clean_marker(), b"")?;
+        Ok(())
+    }
+}
+
+/// Which object store holds this filesystem's blobs. Written at the first mount (or by
+/// `cfs repair --from-s3`) and read by every later mount, so that a data dir is never mounted
+/// against a store that does not hold its blobs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TierConfig {
+    /// `s3://bucket/prefix`, `file:///abs/path` or `memory://`.
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+}
+
+impl TierConfig {
+    /// Reads `DIR/tier.json`; `None` if the data dir has none yet.
+    pub fn load(dir: &DataDir) -> Result<Option<TierConfig>> {
+        let path = dir.tier_config_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not valid", path.display()))
+                .map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    /// Writes `DIR/tier.json` atomically (temp file, fsync, rename).
+    pub fn save(&self, dir: &DataDir) -> Result<()> {
+        let path = dir.tier_config_path();
+        let tmp = dir.root.join(".tier.json.tmp");
+        let body = serde_json::to_vec_pretty(self)?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(())
     }
 }

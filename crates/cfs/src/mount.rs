@@ -2,7 +2,7 @@
 //! serve until unmounted or signalled.
 
 use crate::cli::MountArgs;
-use crate::datadir::DataDir;
+use crate::datadir::{DataDir, TierConfig};
 use anyhow::{Context, Result, bail};
 use cfs_fuse::{ClaudeFs, FsOptions};
 use fuser::{Config, MountOption, SessionACL};
@@ -87,6 +87,12 @@ pub fn run(args: MountArgs) -> Result<()> {
         url.parse::<cfs_tier::StoreUrl>()
             .with_context(|| format!("bad --object-store {url:?}"))?;
     }
+    if !(1..=100).contains(&args.high_watermark) || args.low_watermark >= args.high_watermark {
+        bail!("watermarks must satisfy 0 <= --low-watermark < --high-watermark <= 100");
+    }
+    if args.checkpoint_interval == 0 {
+        bail!("--checkpoint-interval must be at least 1 second");
+    }
     let data_dir = resolve_data_dir(&args)?;
     if args.background {
         return spawn_background(&args, &data_dir, &mountpoint);
@@ -102,17 +108,15 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     if created {
         tracing::info!(data_dir = %data_dir.display(), fs_id = meta.fs_id(), "created a new filesystem");
     }
-    dir.recover(&meta, &flash, args.object_store.is_some())?;
+    let tier_cfg = resolve_tier(args, &dir, &meta)?;
+    dir.recover(&meta, &flash, true)?;
 
     let mut passthrough = !args.no_passthrough;
     if passthrough && !may_passthrough() {
         tracing::warn!("passthrough needs root (CAP_SYS_ADMIN); serving I/O through the daemon");
         passthrough = false;
     }
-    let tier = match &args.object_store {
-        Some(url) => Some(crate::tier::start(url, args, &meta, &flash)?),
-        None => None,
-    };
+    let tier = Some(crate::tier::start(&tier_cfg, args, &dir, &meta, &flash)?);
     let opts = FsOptions {
         passthrough,
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
@@ -190,6 +194,62 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Decides which object store this mount uses: the one the data dir is bound to, else the
+/// one given, else the embedded default DIR/objects. Binding a store to a filesystem that
+/// already holds files queues them all for upload.
+fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> Result<TierConfig> {
+    let asked = args.object_store.as_ref().map(|url| TierConfig {
+        url: url.clone(),
+        s3_endpoint: args.s3_endpoint.clone(),
+        s3_region: args.s3_region.clone(),
+    });
+    if let Some(bound) = TierConfig::load(dir)? {
+        if let Some(asked) = &asked
+            && asked.url != bound.url
+        {
+            bail!(
+                "data dir {} keeps its blobs in {}, not {}: mount it without --object-store, \
+                 or use another data dir",
+                dir.root.display(),
+                bound.url,
+                asked.url
+            );
+        }
+        // Endpoint and region may move (a server on a new address); the bucket may not.
+        let mut cfg = bound;
+        if let Some(asked) = asked {
+            cfg.s3_endpoint = asked.s3_endpoint.or(cfg.s3_endpoint);
+            cfg.s3_region = asked.s3_region.or(cfg.s3_region);
+        }
+        return Ok(cfg);
+    }
+    let cfg = match asked {
+        Some(cfg) => cfg,
+        None => {
+            let objects = dir.default_objects_path();
+            std::fs::create_dir_all(&objects)
+                .with_context(|| format!("cannot create {}", objects.display()))?;
+            TierConfig {
+                url: format!("file://{}", objects.display()),
+                s3_endpoint: None,
+                s3_region: None,
+            }
+        }
+    };
+    let mut queued = 0u64;
+    meta.for_each_inode(|inode| {
+        if inode.kind == cfs_meta::FileKind::File {
+            meta.execute(&cfs_meta::Op::MarkDirty { ino: inode.ino })?;
+            queued += 1;
+        }
+        Ok(())
+    })?;
+    meta.sync()?;
+    cfg.save(dir)?;
+    tracing::info!(object_store = %cfg.url, files_queued = queued, "object store bound to this filesystem");
+    Ok(cfg)
+}
+
 /// Makes metadata durable at least once a second, bounding what a crash can lose to about
 /// one second of changes that nobody fsynced, as a journalling filesystem does.
 fn spawn_flusher(meta: Arc<cfs_meta::MetaStore>) {
@@ -254,6 +314,17 @@ fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Res
     cmd.arg("--threads").arg(args.threads.to_string());
     cmd.arg("--upload-concurrency")
         .arg(args.upload_concurrency.to_string());
+    cmd.arg("--high-watermark")
+        .arg(args.high_watermark.to_string());
+    cmd.arg("--low-watermark")
+        .arg(args.low_watermark.to_string());
+    cmd.arg("--tier-mode").arg(args.tier_mode.as_str());
+    cmd.arg("--flush-age").arg(args.flush_age.to_string());
+    cmd.arg("--checkpoint-interval")
+        .arg(args.checkpoint_interval.to_string());
+    if let Some(cap) = args.flash_capacity {
+        cmd.arg("--flash-capacity").arg(cap.to_string());
+    }
     for (flag, value) in [
         ("--object-store", &args.object_store),
         ("--s3-endpoint", &args.s3_endpoint),

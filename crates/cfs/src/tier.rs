@@ -2,6 +2,7 @@
 //! the FUSE side wakes it when a file's data changes.
 
 use crate::cli::MountArgs;
+use crate::datadir::{DataDir, TierConfig};
 use anyhow::{Context, Result};
 use cfs_flash::FlashDir;
 use cfs_meta::MetaStore;
@@ -27,8 +28,15 @@ impl Tier {
     }
 }
 
-/// Opens the object store named by `url` and starts the uploader.
-pub fn start(url: &str, args: &MountArgs, meta: &Arc<MetaStore>, flash: &FlashDir) -> Result<Tier> {
+/// Opens the object store `cfg` names and starts the uploader.
+pub fn start(
+    cfg: &TierConfig,
+    args: &MountArgs,
+    _dir: &DataDir,
+    meta: &Arc<MetaStore>,
+    flash: &FlashDir,
+) -> Result<Tier> {
+    let url = cfg.url.as_str();
     let parsed: StoreUrl = url
         .parse()
         .with_context(|| format!("bad --object-store {url:?}"))?;
@@ -41,12 +49,9 @@ pub fn start(url: &str, args: &MountArgs, meta: &Arc<MetaStore>, flash: &FlashDi
         anyhow::bail!("s3:// needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment");
     }
     let opts = S3Options {
-        endpoint: args.s3_endpoint.clone(),
-        region: args.s3_region.clone(),
-        allow_http: args
-            .s3_endpoint
-            .as_deref()
-            .map(|e| e.starts_with("http://")),
+        endpoint: cfg.s3_endpoint.clone(),
+        region: cfg.s3_region.clone(),
+        allow_http: cfg.s3_endpoint.as_deref().map(|e| e.starts_with("http://")),
         ..S3Options::default()
     };
     let store = parsed
