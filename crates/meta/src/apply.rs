@@ -336,10 +336,10 @@ impl<'t> Tx<'t> {
             self.xattrs
                 .insert((ino, acl::ACCESS_XATTR), acl.as_slice())?;
         }
-        if kind == FileKind::File || kind == FileKind::Dir {
-            if let Some(policy) = self.xattr(parent, TIER_XATTR)? {
-                self.xattrs.insert((ino, TIER_XATTR), policy.as_slice())?;
-            }
+        if matches!(kind, FileKind::File | FileKind::Dir)
+            && let Some(policy) = self.xattr(parent, TIER_XATTR)?
+        {
+            self.xattrs.insert((ino, TIER_XATTR), policy.as_slice())?;
         }
         if kind == FileKind::Dir {
             if let Some(def) = &default_acl {
