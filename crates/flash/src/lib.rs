@@ -143,6 +143,36 @@ impl FlashDir {
         Ok(out)
     }
 
+    /// Drops `range` of the backing file from flash by punching a hole (the size stays), and
+    /// puts back the file's atime and mtime: users see those times, and eviction is not a
+    /// change of the file's data. Returns the bytes freed.
+    pub fn punch(&self, ino: Ino, range: std::ops::Range<u64>) -> io::Result<u64> {
+        let file = self.open_rw(ino)?;
+        let before = file.metadata()?;
+        let len = range.end.saturating_sub(range.start);
+        nix::fcntl::fallocate(
+            &file,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            i64::try_from(range.start).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        )?;
+        restore_times(&file, &before)?;
+        let after = file.metadata()?;
+        Ok(before.blocks().saturating_sub(after.blocks()) * 512)
+    }
+
+    /// Writes `data` at `offset` of the backing file and makes it durable, keeping the file's
+    /// atime and mtime: bringing an evicted blob back is not a change of the file's data.
+    pub fn fill(&self, ino: Ino, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self.open_rw(ino)?;
+        let before = file.metadata()?;
+        file.write_all_at(data, offset)?;
+        file.sync_data()?;
+        restore_times(&file, &before)
+    }
+
     /// The capacity of the filesystem under the flash directory.
     pub fn capacity(&self) -> io::Result<Capacity> {
         let st = nix::sys::statvfs::statvfs(&self.root).map_err(io::Error::from)?;
@@ -155,6 +185,13 @@ impl FlashDir {
             files_free: st.files_free() as u64,
         })
     }
+}
+
+fn restore_times(file: &File, md: &fs::Metadata) -> io::Result<()> {
+    let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
+    let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
+    nix::sys::stat::futimens(file, &atime, &mtime)?;
+    Ok(())
 }
 
 /// True if `name` is the canonical spelling of `ino`, so stray files are never mistaken
@@ -186,5 +223,32 @@ mod tests {
         flash.remove(42).expect("remove twice is fine");
         assert!(flash.open_rw(42).is_err());
         assert!(flash.open_or_create(42).is_ok());
+    }
+
+    #[test]
+    fn punch_and_fill_keep_size_times_and_data_around() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flash = FlashDir::open(dir.path()).expect("open");
+        let f = flash.create(7).expect("create");
+        use std::os::unix::fs::FileExt;
+        let data: Vec<u8> = (0..3 * 65536u32).map(|i| (i % 251) as u8).collect();
+        f.write_all_at(&data, 0).expect("write");
+        f.sync_all().expect("sync");
+        let old = nix::sys::time::TimeSpec::new(1_000_000, 5);
+        nix::sys::stat::futimens(&f, &old, &old).expect("utimes");
+        let freed = flash.punch(7, 65536..131072).expect("punch");
+        assert!(freed > 0, "punching written data frees blocks");
+        let md = flash.metadata(7).expect("md");
+        assert_eq!((md.len(), md.mtime(), md.mtime_nsec()), (data.len() as u64, 1_000_000, 5));
+        let mut back = vec![0u8; data.len()];
+        f.read_exact_at(&mut back, 0).expect("read");
+        assert_eq!(&back[..65536], &data[..65536]);
+        assert!(back[65536..131072].iter().all(|&b| b == 0));
+        assert_eq!(&back[131072..], &data[131072..]);
+        flash.fill(7, 65536, &data[65536..131072]).expect("fill");
+        f.read_exact_at(&mut back, 0).expect("read");
+        assert_eq!(back, data);
+        let md = flash.metadata(7).expect("md");
+        assert_eq!((md.mtime(), md.mtime_nsec()), (1_000_000, 5));
     }
 }

@@ -34,7 +34,26 @@ pub struct UploadStats {
     pub files_in_flight: AtomicU64,
     /// Unix seconds of the last pass that found nothing left to do (0: never).
     pub last_idle: AtomicU64,
+    /// Unix seconds at which the oldest file still on the upload queue was first seen there
+    /// by this mount (0: queue empty).
+    pub oldest_dirty_since: AtomicU64,
+    /// Files the tiered mode left on flash in the last pass because they are younger than
+    /// the flush age.
+    pub files_held: AtomicU64,
 }
+
+/// When queued files are uploaded.
+#[derive(Clone, Debug, Default)]
+pub struct FlushPolicy {
+    /// Tiered mode: hold a file on flash until it has been queued for `flush_age`, unless
+    /// `pressure` is set (flash is past its high watermark) or its policy says `s3`.
+    pub tiered: bool,
+    pub flush_age: Duration,
+    pub pressure: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Called with each file whose upload left it clean (all of it in the store).
+pub type CleanHook = Arc<dyn Fn(Ino) + Send + Sync>;
 
 /// Wakes the uploader; cheap to clone and call from the FUSE threads.
 #[derive(Clone, Debug, Default)]
@@ -54,6 +73,10 @@ pub struct Uploader {
     concurrency: usize,
     kick: UploadKick,
     stats: Arc<UploadStats>,
+    policy: FlushPolicy,
+    on_clean: Option<CleanHook>,
+    /// When this mount first saw each queued file, for the flush age and `cfs status`.
+    first_seen: parking_lot::Mutex<std::collections::HashMap<Ino, (Instant, u64)>>,
 }
 
 /// Identity of a backing file's contents at one moment: if it is the same before and after
@@ -78,7 +101,56 @@ impl Uploader {
             concurrency: concurrency.max(1),
             kick: UploadKick::default(),
             stats: Arc::new(UploadStats::default()),
+            policy: FlushPolicy::default(),
+            on_clean: None,
+            first_seen: Default::default(),
         })
+    }
+
+    pub fn with_policy(mut self, policy: FlushPolicy) -> Uploader {
+        self.policy = policy;
+        self
+    }
+
+    /// Registers `hook`, called with each file an upload left clean (the evictor's cue).
+    pub fn on_clean(mut self, hook: CleanHook) -> Uploader {
+        self.on_clean = Some(hook);
+        self
+    }
+
+    /// Of the queued files, those to upload now: all of them in cache mode; in tiered mode
+    /// the ones queued for longer than the flush age, pinned to `s3`, or all under pressure.
+    fn select(&self, dirty: Vec<Ino>) -> Vec<Ino> {
+        let now = Instant::now();
+        let unix_now = unix_secs();
+        let mut seen = self.first_seen.lock();
+        seen.retain(|ino, _| dirty.contains(ino));
+        for &ino in &dirty {
+            seen.entry(ino).or_insert((now, unix_now));
+        }
+        let oldest = seen.values().map(|&(_, u)| u).min().unwrap_or(0);
+        self.stats.oldest_dirty_since.store(oldest, Ordering::Relaxed);
+        if !self.policy.tiered || self.policy.pressure.load(Ordering::Relaxed) {
+            self.stats.files_held.store(0, Ordering::Relaxed);
+            return dirty;
+        }
+        let (now_due, held): (Vec<Ino>, Vec<Ino>) = dirty.into_iter().partition(|ino| {
+            let aged = seen
+                .get(ino)
+                .is_some_and(|(t, _)| now.duration_since(*t) >= self.policy.flush_age);
+            aged || self.tier_policy(*ino).as_deref() == Some("s3")
+        });
+        self.stats
+            .files_held
+            .store(held.len() as u64, Ordering::Relaxed);
+        now_due
+    }
+
+    fn tier_policy(&self, ino: Ino) -> Option<String> {
+        self.meta
+            .xattr(ino, cfs_meta::TIER_XATTR)
+            .ok()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     pub fn kick_handle(&self) -> UploadKick {
@@ -106,7 +178,7 @@ impl Uploader {
     /// One pass: uploads every queued file, then deletes every retired object. Returns true
     /// when nothing was left to do at the end.
     pub async fn pass(&self) -> Result<bool> {
-        let dirty = self.meta.dirty_files(1024).map_err(meta_err)?;
+        let dirty = self.select(self.meta.dirty_files(1024).map_err(meta_err)?);
         let results: Vec<Result<()>> = futures::stream::iter(dirty.iter().copied())
             .map(|ino| self.flush_file(ino))
             .buffer_unordered(self.concurrency)
@@ -122,11 +194,7 @@ impl Uploader {
         let idle = self.meta.dirty_files(1).map_err(meta_err)?.is_empty()
             && self.meta.pending_deletes(1).map_err(meta_err)?.is_empty();
         if idle {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            self.stats.last_idle.store(now, Ordering::Relaxed);
+            self.stats.last_idle.store(unix_secs(), Ordering::Relaxed);
         }
         Ok(idle)
     }
@@ -151,8 +219,14 @@ impl Uploader {
         let before = data_version(&file.metadata().map_err(io_err)?);
         let size = before.0;
         let recorded = self.meta.blobs_of(ino).map_err(meta_err)?;
+        // Evicted blobs are not on flash, and did not change: a write to one hydrates it
+        // first, which takes it off this list.
+        let evicted = self.meta.evicted_of(ino).map_err(meta_err)?;
         let mut uploaded = Vec::new();
         for k in 0..blob_count(size) {
+            if evicted.iter().any(|&(e, _)| e == k) {
+                continue;
+            }
             let range = blob_range(k, size);
             let data = read_blob(Arc::clone(&file), range.clone()).await?;
             let crc = crc32c::crc32c(&data);
@@ -184,6 +258,12 @@ impl Uploader {
             })
             .map_err(meta_err)?;
         tracing::debug!(ino, blobs = uploaded.len(), clean, elapsed = ?started.elapsed(), "file flushed");
+        if clean {
+            self.first_seen.lock().remove(&ino);
+            if let Some(hook) = &self.on_clean {
+                hook(ino);
+            }
+        }
         Ok(())
     }
 
@@ -223,6 +303,13 @@ impl Uploader {
             }
         }
     }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Reads one blob's bytes off flash on a blocking thread.
