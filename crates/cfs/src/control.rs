@@ -6,7 +6,6 @@ use crate::status::Status;
 use anyhow::{Context, Result};
 use cfs_fuse::Live;
 use cfs_meta::MetaStore;
-use cfs_tier::uploader::UploadStats;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -17,7 +16,7 @@ use std::time::Duration;
 pub fn serve(
     path: &Path,
     live: Arc<Live>,
-    uploads: Option<Arc<UploadStats>>,
+    tier: Option<crate::tier::TierStats>,
     meta: Arc<MetaStore>,
     data_dir: std::path::PathBuf,
     mountpoint: std::path::PathBuf,
@@ -41,7 +40,7 @@ pub fn serve(
                             &meta,
                             &cfs_flash_dir(&data_dir),
                             Some((&live.status(), &mountpoint)),
-                            uploads.as_deref(),
+                            tier.as_ref(),
                         ) {
                             Ok(s) => serde_json::to_string(&s)
                                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),

@@ -121,9 +121,12 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         passthrough,
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         entry_ttl: Duration::from_secs_f64(args.entry_ttl),
-        on_data_change: tier.as_ref().map(|t| t.hook()),
+        tier: tier.as_ref().map(|t| t.hooks()),
     };
     let mut fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
+    if let Some(t) = &tier {
+        t.attach(fs.live());
+    }
     let ready_fd = take_ready_fd();
     fs.on_init(move |pt| {
         if let Some(fd) = ready_fd {
@@ -161,7 +164,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     crate::control::serve(
         &dir.socket_path(),
         live,
-        tier.as_ref().map(|t| t.stats()),
+        tier.as_ref().map(|t| t.live_stats()),
         Arc::clone(&meta),
         data_dir.to_path_buf(),
         mountpoint.to_path_buf(),

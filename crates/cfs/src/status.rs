@@ -24,8 +24,27 @@ pub struct Status {
     pub open_handles: Option<usize>,
     /// Object tier: what the store holds and what is still owed to it.
     pub tier: cfs_meta::TierCounts,
-    /// Uploader counters since the mount started (mounted with an object store only).
+    /// Where each blob is: dirty (changed on flash, not yet in the store), clean (in the
+    /// store and on flash), evicted (in the store only).
+    pub blobs: BlobStates,
+    /// Uploader counters since the mount started (a running mount only).
     pub uploads: Option<UploadCounters>,
+    /// Eviction, re-hydration and error counters (a running mount only).
+    pub flash_tier: Option<FlashTier>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlobStates {
+    /// Blobs of the files on the upload queue (each such file counts all its blobs).
+    pub dirty: u64,
+    /// Files being uploaded right now.
+    pub uploading_files: u64,
+    pub clean: u64,
+    pub evicted: u64,
+    /// Bytes of the files on the upload queue: the flush backlog.
+    pub backlog_bytes: u64,
+    /// Seconds since the oldest file still on the upload queue was queued (0: none).
+    pub oldest_unflushed_secs: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -35,6 +54,29 @@ pub struct UploadCounters {
     pub objects_deleted: u64,
     pub errors: u64,
     pub files_in_flight: u64,
+    /// Files the tiered mode holds on flash until they reach the flush age.
+    pub files_held: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlashTier {
+    /// Usage as eviction counts it (backing files against --flash-capacity, or the whole
+    /// flash filesystem), and the capacity it counts against.
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub high_watermark_pct: u8,
+    pub low_watermark_pct: u8,
+    pub blobs_evicted: u64,
+    pub bytes_evicted: u64,
+    pub blobs_hydrated: u64,
+    pub bytes_hydrated: u64,
+    pub prefetches: u64,
+    /// Objects that failed their checksum or length check on GET.
+    pub corrupt_objects: u64,
+    pub hydrate_errors: u64,
+    pub evict_errors: u64,
+    /// Object-store operations retried, over all kinds.
+    pub retries: u64,
 }
 
 impl Status {
@@ -42,7 +84,7 @@ impl Status {
         meta: &MetaStore,
         flash_root: &Path,
         live: Option<(&FsStatus, &Path)>,
-        uploads: Option<&cfs_tier::uploader::UploadStats>,
+        tier: Option<&crate::tier::TierStats>,
     ) -> Result<Status> {
         use std::sync::atomic::Ordering::Relaxed;
         let counts = meta.counts()?;
@@ -54,6 +96,29 @@ impl Status {
             .map(|b| b.allocated)
             .sum();
         let cap = flash.capacity()?;
+        let counts_t = meta.tier_counts()?;
+        let mut dirty_blobs = 0;
+        for ino in meta.dirty_files(usize::MAX)? {
+            if let Ok(inode) = meta.inode(ino) {
+                dirty_blobs += cfs_tier::blob_count(inode.size);
+            }
+        }
+        let oldest = tier.map_or(0, |t| t.uploads.oldest_dirty_since.load(Relaxed));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let blobs = BlobStates {
+            dirty: dirty_blobs,
+            uploading_files: tier.map_or(0, |t| t.uploads.files_in_flight.load(Relaxed)),
+            clean: counts_t.blobs_stored.saturating_sub(counts_t.blobs_evicted),
+            evicted: counts_t.blobs_evicted,
+            backlog_bytes: counts_t.bytes_dirty,
+            oldest_unflushed_secs: if oldest == 0 || counts_t.files_dirty == 0 {
+                0
+            } else {
+                now.saturating_sub(oldest)
+            },
+        };
         Ok(Status {
             fs_id: meta.fs_id().to_string(),
             mounted_at: live.map(|(_, m)| m.display().to_string()),
@@ -66,13 +131,30 @@ impl Status {
             flash_free_bytes: cap.blocks_avail * cap.block_size,
             passthrough_active: live.map(|(s, _)| s.passthrough_active),
             open_handles: live.map(|(s, _)| s.open_handles),
-            tier: meta.tier_counts()?,
-            uploads: uploads.map(|u| UploadCounters {
-                blobs_uploaded: u.blobs_uploaded.load(Relaxed),
-                bytes_uploaded: u.bytes_uploaded.load(Relaxed),
-                objects_deleted: u.objects_deleted.load(Relaxed),
-                errors: u.errors.load(Relaxed),
-                files_in_flight: u.files_in_flight.load(Relaxed),
+            tier: counts_t,
+            blobs,
+            uploads: tier.map(|t| UploadCounters {
+                blobs_uploaded: t.uploads.blobs_uploaded.load(Relaxed),
+                bytes_uploaded: t.uploads.bytes_uploaded.load(Relaxed),
+                objects_deleted: t.uploads.objects_deleted.load(Relaxed),
+                errors: t.uploads.errors.load(Relaxed),
+                files_in_flight: t.uploads.files_in_flight.load(Relaxed),
+                files_held: t.uploads.files_held.load(Relaxed),
+            }),
+            flash_tier: tier.map(|t| FlashTier {
+                used_bytes: t.evict.flash_used.load(Relaxed),
+                capacity_bytes: t.evict.flash_capacity.load(Relaxed),
+                high_watermark_pct: t.watermarks.0,
+                low_watermark_pct: t.watermarks.1,
+                blobs_evicted: t.evict.blobs_evicted.load(Relaxed),
+                bytes_evicted: t.evict.bytes_evicted.load(Relaxed),
+                blobs_hydrated: t.hydrate.blobs_hydrated.load(Relaxed),
+                bytes_hydrated: t.hydrate.bytes_hydrated.load(Relaxed),
+                prefetches: t.hydrate.prefetches.load(Relaxed),
+                corrupt_objects: t.hydrate.corrupt.load(Relaxed),
+                hydrate_errors: t.hydrate.errors.load(Relaxed),
+                evict_errors: t.evict.errors.load(Relaxed),
+                retries: cfs_tier::RETRIES.load(Relaxed),
             }),
         })
     }
@@ -111,6 +193,37 @@ impl Status {
             t.files_dirty,
             t.deletes_pending
         );
+        let b = &self.blobs;
+        println!(
+            "blobs        {} dirty, {} clean, {} evicted; {} files uploading; backlog {:.2} GiB, oldest unflushed {} s",
+            b.dirty,
+            b.clean,
+            b.evicted,
+            b.uploading_files,
+            gib(b.backlog_bytes),
+            b.oldest_unflushed_secs
+        );
+        if let Some(f) = &self.flash_tier {
+            println!(
+                "flash tier   {:.2} of {:.2} GiB ({:.0}%), watermarks {}%/{}%; {} blobs evicted, {} hydrated ({} prefetched)",
+                gib(f.used_bytes),
+                gib(f.capacity_bytes),
+                if f.capacity_bytes > 0 {
+                    f.used_bytes as f64 * 100.0 / f.capacity_bytes as f64
+                } else {
+                    0.0
+                },
+                f.high_watermark_pct,
+                f.low_watermark_pct,
+                f.blobs_evicted,
+                f.blobs_hydrated,
+                f.prefetches
+            );
+            println!(
+                "errors       {} corrupt objects, {} hydration errors, {} eviction errors, {} retries",
+                f.corrupt_objects, f.hydrate_errors, f.evict_errors, f.retries
+            );
+        }
         if let Some(u) = &self.uploads {
             println!(
                 "uploads      {} blobs ({:.2} GiB) since mount, {} deleted, {} errors, {} files in flight",

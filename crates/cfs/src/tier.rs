@@ -1,31 +1,104 @@
-//! Wiring the object tier into a mount: the uploader runs on its own small tokio runtime, and
-//! the FUSE side wakes it when a file's data changes.
+//! Wiring the object tier into a mount. The uploader, the evictor and re-hydration share one
+//! small tokio runtime; the FUSE side reaches them through [`cfs_fuse::TierHooks`].
 
-use crate::cli::MountArgs;
+use crate::cli::{MountArgs, TierMode};
 use crate::datadir::{DataDir, TierConfig};
 use anyhow::{Context, Result};
 use cfs_flash::FlashDir;
 use cfs_meta::MetaStore;
-use cfs_tier::uploader::{UploadKick, UploadStats, Uploader};
+use cfs_tier::evict::{EvictConfig, EvictStats, Evictor, OpenFiles};
+use cfs_tier::hydrate::{HydrateStats, Hydrator};
+use cfs_tier::uploader::{FlushPolicy, UploadKick, UploadStats, Uploader};
 use cfs_tier::{S3Options, StoreUrl};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// A running object tier.
 pub struct Tier {
     kick: UploadKick,
     stats: Arc<UploadStats>,
+    hydrator: Arc<Hydrator>,
+    evictor: Arc<Evictor>,
+    /// The mount's open files, known once the filesystem object exists.
+    live: Arc<LiveFiles>,
+    high_pct: u8,
+    low_pct: u8,
+}
+
+/// The evictor's view of open files; until the mount is up, every file counts as open.
+#[derive(Default)]
+struct LiveFiles(OnceLock<Arc<cfs_fuse::Live>>);
+
+impl OpenFiles for LiveFiles {
+    fn while_closed(&self, ino: u64, f: &mut dyn FnMut()) -> bool {
+        match self.0.get() {
+            Some(live) => live.while_closed(ino, f),
+            None => false,
+        }
+    }
+    fn last_used(&self, ino: u64) -> Option<Instant> {
+        self.0.get().and_then(|live| live.last_used(ino))
+    }
+}
+
+/// What the FUSE layer calls.
+struct Hooks {
+    kick: UploadKick,
+    hydrator: Arc<Hydrator>,
+    evictor: Arc<Evictor>,
+}
+
+impl cfs_fuse::TierHooks for Hooks {
+    fn data_changed(&self, _ino: u64) {
+        self.kick.kick();
+    }
+    fn hydrate(&self, ino: u64, k: u64) -> std::io::Result<()> {
+        self.hydrator
+            .hydrate_blocking(ino, k)
+            .map_err(std::io::Error::other)
+    }
+    fn prefetch(&self, ino: u64, k: u64) {
+        self.hydrator.prefetch(ino, k);
+    }
+    fn policy_changed(&self, ino: u64) {
+        // `s3` may now let a clean file go, or, in tiered mode, a dirty one be flushed.
+        self.evictor.nominate(ino);
+        self.kick.kick();
+    }
 }
 
 impl Tier {
-    pub fn hook(&self) -> cfs_fuse::DataChangeHook {
-        let kick = self.kick.clone();
-        Arc::new(move || kick.kick())
+    pub fn hooks(&self) -> Arc<dyn cfs_fuse::TierHooks> {
+        Arc::new(Hooks {
+            kick: self.kick.clone(),
+            hydrator: Arc::clone(&self.hydrator),
+            evictor: Arc::clone(&self.evictor),
+        })
     }
 
-    pub fn stats(&self) -> Arc<UploadStats> {
-        Arc::clone(&self.stats)
+    /// Lets eviction start: from now on it can tell which files are open.
+    pub fn attach(&self, live: Arc<cfs_fuse::Live>) {
+        let _ = self.live.0.set(live);
     }
+
+    /// The live counters `cfs status` reports.
+    pub fn live_stats(&self) -> TierStats {
+        TierStats {
+            uploads: Arc::clone(&self.stats),
+            evict: self.evictor.stats(),
+            hydrate: self.hydrator.stats(),
+            watermarks: (self.high_pct, self.low_pct),
+        }
+    }
+}
+
+/// Handles on the tier's counters, for the control socket.
+#[derive(Clone)]
+pub struct TierStats {
+    pub uploads: Arc<UploadStats>,
+    pub evict: Arc<EvictStats>,
+    pub hydrate: Arc<HydrateStats>,
+    pub watermarks: (u8, u8),
 }
 
 /// Opens the object store `cfg` names and starts the uploader.
@@ -57,27 +130,64 @@ pub fn start(
     let store = parsed
         .open(&opts)
         .with_context(|| format!("cannot open object store {url}"))?;
-    let uploader = Uploader::new(
-        Arc::clone(meta),
-        flash.clone(),
-        store,
-        args.upload_concurrency,
-    )?;
-    let tier = Tier {
-        kick: uploader.kick_handle(),
-        stats: uploader.stats(),
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cfs-tier")
         .enable_all()
         .build()
         .context("cannot start the tier runtime")?;
+    let live = Arc::new(LiveFiles::default());
+    let evictor = Evictor::new(
+        Arc::clone(meta),
+        flash.clone(),
+        EvictConfig {
+            capacity: args.flash_capacity,
+            high_pct: args.high_watermark,
+            low_pct: args.low_watermark,
+        },
+        Arc::clone(&live) as Arc<dyn OpenFiles>,
+    );
+    let hydrator = Hydrator::new(
+        Arc::clone(meta),
+        flash.clone(),
+        store.clone(),
+        runtime.handle().clone(),
+    )?;
+    let nominate = Arc::clone(&evictor);
+    let uploader = Uploader::new(
+        Arc::clone(meta),
+        flash.clone(),
+        store,
+        args.upload_concurrency,
+    )?
+    .with_policy(FlushPolicy {
+        tiered: args.tier_mode == TierMode::Tiered,
+        flush_age: Duration::from_secs(args.flush_age),
+        pressure: evictor.pressure(),
+    })
+    .on_clean(Arc::new(move |ino| nominate.nominate(ino)));
+    let tier = Tier {
+        kick: uploader.kick_handle(),
+        stats: uploader.stats(),
+        hydrator,
+        evictor: Arc::clone(&evictor),
+        live,
+        high_pct: args.high_watermark,
+        low_pct: args.low_watermark,
+    };
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("cfs-evictor".into())
+        .spawn(move || evictor.run(handle))?;
     std::thread::Builder::new()
         .name("cfs-uploader".into())
         .spawn(move || runtime.block_on(uploader.run(Duration::from_secs(1))))?;
     tracing::info!(
         object_store = url,
+        mode = args.tier_mode.as_str(),
+        flash_capacity = ?args.flash_capacity,
+        high_watermark = args.high_watermark,
+        low_watermark = args.low_watermark,
         "object tier on: changed files are uploaded as 64 MiB blobs"
     );
     Ok(tier)

@@ -239,7 +239,10 @@ mod tests {
         let freed = flash.punch(7, 65536..131072).expect("punch");
         assert!(freed > 0, "punching written data frees blocks");
         let md = flash.metadata(7).expect("md");
-        assert_eq!((md.len(), md.mtime(), md.mtime_nsec()), (data.len() as u64, 1_000_000, 5));
+        assert_eq!(
+            (md.len(), md.mtime(), md.mtime_nsec()),
+            (data.len() as u64, 1_000_000, 5)
+        );
         let mut back = vec![0u8; data.len()];
         f.read_exact_at(&mut back, 0).expect("read");
         assert_eq!(&back[..65536], &data[..65536]);

@@ -2,8 +2,10 @@
 //!
 //! For a regular file, data writes go straight to the backing file (passthrough) without the
 //! daemon seeing them, so size, blocks, atime and mtime come from the backing file; ctime is
-//! the later of the backing file's and the inode's, since both metadata changes and data
-//! writes move it.
+//! the later of the inode's and the data side's, since both metadata changes and data
+//! writes move it. The data side's ctime is the earlier of the backing file's ctime and mtime:
+//! a write moves both, while eviction and re-hydration move the backing file's ctime only
+//! (they put mtime back), and must not look like a change to `tar` or `make`.
 
 use cfs_flash::FlashDir;
 use cfs_meta::{FileKind, Inode, Timestamp};
@@ -43,7 +45,7 @@ impl DataAttr {
             blocks: md.blocks(),
             atime: ts(md.atime(), md.atime_nsec()),
             mtime: ts(md.mtime(), md.mtime_nsec()),
-            ctime: ts(md.ctime(), md.ctime_nsec()),
+            ctime: ts(md.ctime(), md.ctime_nsec()).min(ts(md.mtime(), md.mtime_nsec())),
         }
     }
 

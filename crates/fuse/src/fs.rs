@@ -11,6 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// The unit of eviction and re-hydration (the object tier's blob size).
+pub const BLOB_SIZE: u64 = 64 << 20;
+
 /// Mount-time choices that change how requests are served.
 #[derive(Clone)]
 pub struct FsOptions {
@@ -18,13 +21,21 @@ pub struct FsOptions {
     pub passthrough: bool,
     pub attr_ttl: Duration,
     pub entry_ttl: Duration,
-    /// Called after a file's data changed on flash, once the change is on the persistent
-    /// upload queue. Set when an object tier is configured.
-    pub on_data_change: Option<DataChangeHook>,
+    /// The object tier behind flash, if there is one.
+    pub tier: Option<Arc<dyn TierHooks>>,
 }
 
-/// Wakes the object tier's uploader.
-pub type DataChangeHook = Arc<dyn Fn() + Send + Sync>;
+/// What the FUSE layer asks of the object tier.
+pub trait TierHooks: Send + Sync {
+    /// A file's data changed on flash and is on the persistent upload queue.
+    fn data_changed(&self, ino: u64);
+    /// Brings blob `k` of `ino` back on flash if it is evicted; blocks until it is there.
+    fn hydrate(&self, ino: u64, k: u64) -> std::io::Result<()>;
+    /// Starts bringing blob `k` of `ino` back in the background, if it is evicted.
+    fn prefetch(&self, ino: u64, k: u64);
+    /// The `user.cfs.tier` policy of `ino` changed.
+    fn policy_changed(&self, ino: u64);
+}
 
 impl std::fmt::Debug for FsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,7 +43,7 @@ impl std::fmt::Debug for FsOptions {
             .field("passthrough", &self.passthrough)
             .field("attr_ttl", &self.attr_ttl)
             .field("entry_ttl", &self.entry_ttl)
-            .field("object_tier", &self.on_data_change.is_some())
+            .field("object_tier", &self.tier.is_some())
             .finish()
     }
 }
@@ -43,7 +54,7 @@ impl Default for FsOptions {
             passthrough: true,
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
-            on_data_change: None,
+            tier: None,
         }
     }
 }
@@ -69,6 +80,17 @@ pub struct Live {
 }
 
 impl Live {
+    /// Runs `f` if no handle of `ino` is open (and no truncation of it is running), keeping
+    /// new opens of it waiting meanwhile; false if it is in use.
+    pub fn while_closed(&self, ino: u64, f: &mut dyn FnMut()) -> bool {
+        self.handles.while_unused(ino, f)
+    }
+
+    /// When `ino` was last opened or closed in this mount.
+    pub fn last_used(&self, ino: u64) -> Option<std::time::Instant> {
+        self.handles.last_used(ino)
+    }
+
     pub fn status(&self) -> FsStatus {
         FsStatus {
             passthrough_active: self.passthrough.load(Ordering::Relaxed),
@@ -157,17 +179,54 @@ impl ClaudeFs {
 
     /// Queues the file for upload, if there is an object tier.
     pub(crate) fn data_changed(&self, ino: u64) -> FsResult<()> {
-        if let Some(hook) = &self.opts.on_data_change {
+        if let Some(tier) = &self.opts.tier {
             match self.meta.execute(&Op::MarkDirty { ino }) {
-                Ok(_) | Err(cfs_meta::MetaError::NotFound) => hook(),
+                Ok(_) | Err(cfs_meta::MetaError::NotFound) => tier.data_changed(ino),
                 Err(e) => return Err(e.into()),
             }
         }
         Ok(())
     }
 
+    /// Makes sure every blob of `ino` that `range` touches is on flash, fetching the evicted
+    /// ones. Bytes past the end of the backing file are not data and need nothing.
+    pub(crate) fn ensure_present(&self, ino: u64, range: std::ops::Range<u64>) -> FsResult<()> {
+        let Some(tier) = &self.opts.tier else {
+            return Ok(());
+        };
+        if range.start >= range.end {
+            return Ok(());
+        }
+        let evicted = self.meta.evicted_of(ino)?;
+        if evicted.is_empty() {
+            return Ok(());
+        }
+        let size = DataAttr::read(&self.flash, ino).map_or(0, |d| d.size);
+        let end = range.end.min(size);
+        if range.start >= end {
+            return Ok(());
+        }
+        let first = range.start / BLOB_SIZE;
+        let last = (end - 1) / BLOB_SIZE;
+        for (k, _) in evicted {
+            if (first..=last).contains(&k) {
+                tier.hydrate(ino, k).map_err(|e| {
+                    tracing::warn!(ino, k, error = %e, "cannot bring a blob back from the object store");
+                    crate::FsError::Errno(fuser::Errno::EIO)
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// True if some blob of `ino` is off flash.
+    pub(crate) fn is_cold(&self, ino: u64) -> FsResult<bool> {
+        Ok(self.opts.tier.is_some() && self.meta.has_evicted(ino)?)
+    }
+
     /// Deletes an inode whose last link is gone, once nothing references it.
     pub(crate) fn purge(&self, ino: u64) {
+        self.live.handles.forget(ino);
         match self.meta.execute(&Op::Purge { ino }) {
             Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
                 if let Err(e) = self.flash.remove(ino) {

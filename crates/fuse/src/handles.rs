@@ -8,6 +8,7 @@ use fuser::BackingId;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 pub struct Handle {
     pub ino: u64,
@@ -17,6 +18,13 @@ pub struct Handle {
     pub written: AtomicBool,
     /// Keeps the kernel's backing id alive while the handle is open.
     pub backing: Option<Arc<BackingId>>,
+    /// Opened while some of the file's blobs were off flash: served by the daemon, which
+    /// fetches each blob before the first access to it.
+    pub cold: bool,
+    /// Where the next read starts if the reader is sequential (for prefetch).
+    pub next_read: AtomicU64,
+    /// The last blob index prefetched for this handle, plus one (0: none).
+    pub prefetched: AtomicU64,
 }
 
 #[derive(Default)]
@@ -24,6 +32,9 @@ pub struct Handles {
     next: AtomicU64,
     open: DashMap<u64, Arc<Handle>>,
     backing: DashMap<u64, Weak<BackingId>>,
+    /// Per inode: how many opens (and truncations) are in progress, and when it was last
+    /// used. Eviction takes the inode's entry, so it never races an open.
+    users: DashMap<u64, (u32, Instant)>,
 }
 
 impl Handles {
@@ -40,12 +51,49 @@ impl Handles {
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         let handle = self.open.remove(&fh).map(|(_, h)| h);
         if let Some(h) = &handle {
+            self.done_with(h.ino);
             // Drop the map's weak entry once no handle keeps the id alive.
             self.backing.remove_if(&h.ino, |_, w| {
                 w.strong_count() <= usize::from(h.backing.is_some())
             });
         }
         handle
+    }
+
+    /// Counts a user of `ino` (an open about to happen, or a truncation); pair with
+    /// [`Handles::done_with`].
+    pub fn using(&self, ino: u64) {
+        let mut e = self.users.entry(ino).or_insert((0, Instant::now()));
+        e.0 += 1;
+        e.1 = Instant::now();
+    }
+
+    pub fn done_with(&self, ino: u64) {
+        if let Some(mut e) = self.users.get_mut(&ino) {
+            e.0 = e.0.saturating_sub(1);
+            e.1 = Instant::now();
+        }
+    }
+
+    /// Runs `f` if nothing uses `ino`, holding new users off meanwhile.
+    pub fn while_unused(&self, ino: u64, f: &mut dyn FnMut()) -> bool {
+        match self.users.entry(ino) {
+            dashmap::Entry::Occupied(e) if e.get().0 > 0 => false,
+            entry => {
+                f();
+                drop(entry);
+                true
+            }
+        }
+    }
+
+    pub fn last_used(&self, ino: u64) -> Option<Instant> {
+        self.users.get(&ino).map(|e| e.1)
+    }
+
+    /// Forgets an inode that no longer exists.
+    pub fn forget(&self, ino: u64) {
+        self.users.remove_if(&ino, |_, e| e.0 == 0);
     }
 
     pub fn count(&self) -> usize {

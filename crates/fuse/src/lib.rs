@@ -11,4 +11,4 @@ mod ops;
 
 pub use attr::DataAttr;
 pub use errno::{FsError, FsResult, from_io, from_meta};
-pub use fs::{ClaudeFs, DataChangeHook, FsOptions, FsStatus, Live};
+pub use fs::{BLOB_SIZE, ClaudeFs, FsOptions, FsStatus, Live, TierHooks};

@@ -139,12 +139,32 @@ impl ClaudeFs {
         file: Option<std::fs::File>,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
     ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
+        // Counted as a user before looking at the blobs' state: eviction either ran before
+        // (and this open sees the evicted blobs) or waits for the release.
+        self.live.handles.using(ino);
+        let r = self.open_counted(ino, flags, file, register);
+        if r.is_err() {
+            self.live.handles.done_with(ino);
+        }
+        r
+    }
+
+    fn open_counted(
+        &self,
+        ino: u64,
+        flags: i32,
+        file: Option<std::fs::File>,
+        register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
+    ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
         let file = match file {
             Some(f) => f,
             None => self.flash.open_or_create(ino)?,
         };
+        // A file with blobs off flash is served by the daemon, which fetches them on first
+        // access; its next open after they are all back gets passthrough again.
+        let cold = self.is_cold(ino)?;
         let mut backing = None;
-        if self.live.passthrough.load(Ordering::Relaxed) {
+        if !cold && self.live.passthrough.load(Ordering::Relaxed) {
             match self.live.handles.backing_id(ino, || register(&file)) {
                 Ok(id) => backing = Some(id),
                 Err(e) => {
@@ -166,8 +186,27 @@ impl ClaudeFs {
             writable,
             written: Default::default(),
             backing: backing.clone(),
+            cold,
+            next_read: Default::default(),
+            prefetched: Default::default(),
         });
         Ok((fh, backing))
+    }
+
+    /// Before a read on a handle opened cold: fetches the blobs the read touches and, for a
+    /// sequential reader, starts fetching the next blob.
+    fn cold_read(&self, h: &crate::handles::Handle, offset: u64, size: u32) -> FsResult<()> {
+        let end = offset + u64::from(size);
+        self.ensure_present(h.ino, offset..end)?;
+        let sequential = h.next_read.swap(end, Ordering::Relaxed) == offset;
+        let next = end.div_ceil(crate::BLOB_SIZE).max(1);
+        if sequential
+            && h.prefetched.swap(next + 1, Ordering::Relaxed) != next + 1
+            && let Some(tier) = &self.opts.tier
+        {
+            tier.prefetch(h.ino, next);
+        }
+        Ok(())
     }
 
     fn handle(&self, fh: FileHandle) -> FsResult<std::sync::Arc<crate::handles::Handle>> {
@@ -189,6 +228,34 @@ impl ClaudeFs {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> FsResult<Inode> {
+        if size.is_some() {
+            // A truncation is a user of the file like an open: no eviction meanwhile.
+            self.live.handles.using(ino.0);
+            let r = self.setattr_counted(ino, mode, uid, gid, size, atime, mtime, fh);
+            self.live.handles.done_with(ino.0);
+            return r;
+        }
+        self.setattr_counted(ino, mode, uid, gid, size, atime, mtime, fh)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr_counted(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> FsResult<Inode> {
+        if let Some(new_size) = size
+            && new_size > 0
+        {
+            // What stays of a blob cut in two must be on flash before the cut.
+            self.ensure_present(ino.0, new_size - 1..new_size)?;
+        }
         let attr = SetAttr {
             perm: mode.map(|m| m & 0o7777),
             uid,
@@ -575,6 +642,9 @@ impl Filesystem for ClaudeFs {
         reply: ReplyData,
     ) {
         let r = self.handle(fh).and_then(|h| {
+            if h.cold {
+                self.cold_read(&h, offset, size)?;
+            }
             let mut buf = vec![0u8; size as usize];
             let mut filled = 0;
             while filled < buf.len() {
@@ -610,6 +680,9 @@ impl Filesystem for ClaudeFs {
         reply: ReplyWrite,
     ) {
         let r = self.handle(fh).and_then(|h| {
+            if h.cold {
+                self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
+            }
             std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)?;
             h.written.store(true, Ordering::Relaxed);
             Ok(())
@@ -790,6 +863,11 @@ impl Filesystem for ClaudeFs {
         } else {
             caller(req)
         };
+        let is_policy = name.as_bytes() == cfs_meta::TIER_XATTR;
+        if is_policy && !matches!(value, b"flash" | b"s3" | b"auto") {
+            reply.error(Errno::EINVAL);
+            return;
+        }
         let r = self.meta.execute(&Op::SetXattr {
             ino: ino.0,
             name: name.as_bytes().to_vec(),
@@ -798,6 +876,12 @@ impl Filesystem for ClaudeFs {
             caller,
             now: now(),
         });
+        if r.is_ok()
+            && is_policy
+            && let Some(tier) = &self.opts.tier
+        {
+            tier.policy_changed(ino.0);
+        }
         Self::empty(reply, "setxattr", r.map(|_| ()).map_err(Into::into));
     }
 
@@ -907,6 +991,9 @@ impl Filesystem for ClaudeFs {
         reply: ReplyEmpty,
     ) {
         let r = self.handle(fh).and_then(|h| {
+            if h.cold {
+                self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
+            }
             nix::fcntl::fallocate(
                 &h.file,
                 nix::fcntl::FallocateFlags::from_bits_retain(mode),
@@ -935,6 +1022,23 @@ impl Filesystem for ClaudeFs {
                 libc::SEEK_END => nix::unistd::Whence::SeekEnd,
                 _ => return Err(FsError::Errno(Errno::EINVAL)),
             };
+            let data_hole = matches!(
+                whence,
+                nix::unistd::Whence::SeekData | nix::unistd::Whence::SeekHole
+            );
+            if data_hole && h.cold && self.is_cold(h.ino)? {
+                // Evicted blobs are holes on flash but data in the file: report the file as
+                // all data rather than let a copy skip them.
+                let size = h.file.metadata()?.len() as i64;
+                if offset < 0 || offset >= size {
+                    return Err(FsError::Errno(Errno::ENXIO));
+                }
+                return Ok(if matches!(whence, nix::unistd::Whence::SeekData) {
+                    offset
+                } else {
+                    size
+                });
+            }
             Ok(nix::unistd::lseek(&h.file, offset, whence)?)
         });
         match r {
@@ -963,6 +1067,12 @@ impl Filesystem for ClaudeFs {
             let mut off_in = offset_in as i64;
             let mut off_out = offset_out as i64;
             let len = len.min(u64::from(u32::MAX) & !0xfff) as usize;
+            if src.cold {
+                self.ensure_present(src.ino, offset_in..offset_in + len as u64)?;
+            }
+            if dst.cold {
+                self.ensure_present(dst.ino, offset_out..offset_out + len as u64)?;
+            }
             let n = nix::fcntl::copy_file_range(
                 &src.file,
                 Some(&mut off_in),

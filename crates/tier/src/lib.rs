@@ -15,7 +15,9 @@
 
 mod blob_store;
 mod error;
+pub mod evict;
 mod faulty;
+pub mod hydrate;
 mod key;
 mod retry;
 mod rng;
@@ -29,7 +31,7 @@ pub use blob_store::BlobStore;
 pub use error::{BoxError, Fingerprint, Result, TierError};
 pub use faulty::{FaultStats, Faults, FaultyStore};
 pub use key::{BLOB_SIZE, BlobKey, FsId, Ino, ObjectKey, blob_count, blob_index, blob_range};
-pub use retry::{RetryPolicy, retry};
+pub use retry::{RETRIES, RetryPolicy, retry};
 pub use rng::SplitMix64;
 pub use store_url::{S3Options, StoreUrl};
 

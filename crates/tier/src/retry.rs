@@ -65,6 +65,9 @@ impl RetryPolicy {
     }
 }
 
+/// Retries made by this process, over all stores (for `cfs status`).
+pub static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Runs `op` until it succeeds, fails with an error that is not
 /// [retryable](TierError::is_retryable), or has been tried `policy.max_attempts` times.
 ///
@@ -86,6 +89,7 @@ where
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
+                RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let rng = rng.get_or_insert_with(SplitMix64::from_entropy);
                 let delay = policy.backoff(attempt - 1, rng);
                 tracing::warn!(

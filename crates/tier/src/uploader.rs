@@ -129,7 +129,9 @@ impl Uploader {
             seen.entry(ino).or_insert((now, unix_now));
         }
         let oldest = seen.values().map(|&(_, u)| u).min().unwrap_or(0);
-        self.stats.oldest_dirty_since.store(oldest, Ordering::Relaxed);
+        self.stats
+            .oldest_dirty_since
+            .store(oldest, Ordering::Relaxed);
         if !self.policy.tiered || self.policy.pressure.load(Ordering::Relaxed) {
             self.stats.files_held.store(0, Ordering::Relaxed);
             return dirty;
