@@ -29,6 +29,9 @@ pub struct HydrateStats {
     pub errors: AtomicU64,
 }
 
+/// Per blob being fetched, the lock its concurrent readers wait on.
+type InFlight = parking_lot::Mutex<HashMap<(Ino, u64), Arc<tokio::sync::Mutex<()>>>>;
+
 pub struct Hydrator {
     meta: Arc<MetaStore>,
     flash: FlashDir,
@@ -36,7 +39,7 @@ pub struct Hydrator {
     fs: FsId,
     runtime: tokio::runtime::Handle,
     /// One lock per blob being fetched, so that concurrent readers of one blob share a GET.
-    inflight: parking_lot::Mutex<HashMap<(Ino, u64), Arc<tokio::sync::Mutex<()>>>>,
+    inflight: InFlight,
     stats: Arc<HydrateStats>,
 }
 
