@@ -52,6 +52,9 @@ impl Tx<'_> {
             }
             // A new generation was read off flash, so it is present.
             self.evicted.remove((ino, b.k))?;
+            // The key may be live again: a blob retired by a truncation and grown back gets
+            // generation 1 anew. A key in `blobs` must never be on the delete queue.
+            self.deletes.remove((ino, b.k, b.generation))?;
         }
         self.retire_blobs(ino, blob_count)?;
         if clean {

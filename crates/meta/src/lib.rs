@@ -8,6 +8,7 @@
 pub mod acl;
 mod apply;
 mod blobs;
+mod checkpoint;
 mod error;
 mod op;
 mod repair;
@@ -16,6 +17,7 @@ mod tables;
 mod types;
 
 pub use apply::XATTR_SIZE_MAX;
+pub use checkpoint::{CHECKPOINT_VERSION, Checkpoint, CheckpointCounts, ImportOptions};
 pub use error::{MetaError, Result};
 pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
 pub use repair::Repair;

@@ -18,11 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const FORMAT_VERSION: u32 = 1;
 
 pub struct MetaStore {
-    db: Database,
+    pub(crate) db: Database,
     fs_id: String,
     next_ino: AtomicU64,
     /// Number of commits so far; `durable` is the value it had at the last durable commit.
-    committed: AtomicU64,
+    pub(crate) committed: AtomicU64,
     durable: AtomicU64,
     /// Serialises durable commits, so that concurrent `sync` calls share one.
     sync_lock: Mutex<()>,

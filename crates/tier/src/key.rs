@@ -115,6 +115,20 @@ impl ObjectKey {
         ObjectKey(format!("{fs}/meta/HEAD"))
     }
 
+    /// `<fs-id>/meta/ckpt/<seq>/<part>`: part `part` (at most [`BLOB_SIZE`] bytes) of
+    /// checkpoint `seq`. A sequence number is never reused for different contents once a
+    /// HEAD names it, so these keys are as immutable as blob keys.
+    pub fn checkpoint_part(fs: &FsId, seq: u64, part: u64) -> ObjectKey {
+        ObjectKey(format!("{fs}/meta/ckpt/{seq}/{part}"))
+    }
+
+    /// `meta/LATEST`, directly under the store's prefix: names the filesystem that published
+    /// a checkpoint there most recently, so that `cfs repair --from-s3 URL` finds its HEAD
+    /// without LIST and without being told the filesystem id.
+    pub fn meta_latest() -> ObjectKey {
+        ObjectKey("meta/LATEST".to_string())
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -259,6 +273,10 @@ mod tests {
         assert_eq!(key.to_string(), "3f2a-cafe/blobs/42/3/7");
         assert_eq!(key.object_key().as_str(), "3f2a-cafe/blobs/42/3/7");
         assert_eq!(ObjectKey::meta_head(&fs).as_str(), "3f2a-cafe/meta/HEAD");
+        let part = ObjectKey::checkpoint_part(&fs, 12, 0);
+        assert_eq!(part.as_str(), "3f2a-cafe/meta/ckpt/12/0");
+        assert!(ObjectKey::new(part.as_str()).is_ok());
+        assert!(ObjectKey::new(ObjectKey::meta_latest().as_str()).is_ok());
         let back: BlobKey = key.to_string().parse().expect("parse");
         assert_eq!(back, key);
         let max = BlobKey::new(fs, u64::MAX, u64::MAX, u64::MAX);

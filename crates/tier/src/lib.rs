@@ -14,6 +14,7 @@
 //! The upload/download queues that decide *when* blobs move live in the layer above.
 
 mod blob_store;
+pub mod checkpoint;
 mod error;
 pub mod evict;
 mod faulty;

@@ -11,13 +11,22 @@
 //! A writer may still have the file open while it is read: if the backing file's size or
 //! mtime moved during the pass, the blobs read are committed (they were real data) but the
 //! file stays on the queue for another pass.
+//!
+//! With checkpoints on ([`Uploader::with_checkpoints`]), each pass also publishes a metadata
+//! checkpoint when metadata changed (at most once per interval), and an old generation is
+//! DELETEd only once a published checkpoint no longer references it: the objects DELETEd are
+//! exactly the delete queue of the checkpoint just published, whose blobs all name newer
+//! generations. So the bucket always holds every blob its newest HEAD names, and
+//! `cfs repair --from-s3` can rebuild the filesystem from it alone.
 
+use crate::checkpoint::Publisher;
 use crate::key::{BLOB_SIZE, BlobKey, FsId, blob_count, blob_range};
 use crate::{BlobStore, Result, TierError};
 use bytes::Bytes;
 use cfs_flash::FlashDir;
 use cfs_meta::{BlobRecord, Ino, MetaStore, Op};
 use futures::StreamExt;
+use std::collections::HashSet;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,6 +49,15 @@ pub struct UploadStats {
     /// Files the tiered mode left on flash in the last pass because they are younger than
     /// the flush age.
     pub files_held: AtomicU64,
+    /// Metadata checkpoints published since the mount started, and failed attempts.
+    pub checkpoints_published: AtomicU64,
+    pub checkpoint_errors: AtomicU64,
+    /// Seq of the newest checkpoint this mount published (0: none yet), and its Unix seconds.
+    pub checkpoint_seq: AtomicU64,
+    pub checkpoint_unix: AtomicU64,
+    /// The `MetaStore::change_count` that checkpoint covers: metadata changed since it was
+    /// taken when the store's count is higher.
+    pub checkpoint_changes: AtomicU64,
 }
 
 /// When queued files are uploaded.
@@ -77,6 +95,62 @@ pub struct Uploader {
     on_clean: Option<CleanHook>,
     /// When this mount first saw each queued file, for the flush age and `cfs status`.
     first_seen: parking_lot::Mutex<std::collections::HashMap<Ino, (Instant, u64)>>,
+    /// Checkpoint publishing and the deletes it makes safe; see [`Uploader::with_checkpoints`].
+    checkpoints: tokio::sync::Mutex<Checkpoints>,
+    finish_tx: tokio::sync::mpsc::Sender<FinishRequest>,
+    finish_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<FinishRequest>>>,
+}
+
+/// The checkpoint state that passes share.
+struct Checkpoints {
+    /// `None`: checkpoints off, and retired objects are DELETEd as soon as they are retired.
+    publisher: Option<Publisher>,
+    interval: Duration,
+    /// When a publish was last attempted, successful or not.
+    last_attempt: Option<Instant>,
+    /// The `MetaStore::change_count` the newest published checkpoint covers.
+    covered: Option<u64>,
+    /// The newest published checkpoint's delete queue, less what was DELETEd since.
+    safe_deletes: HashSet<(Ino, u64, u64)>,
+}
+
+/// A request for the last pass; see [`FinishHandle`].
+struct FinishRequest {
+    deadline: Instant,
+    reply: std::sync::mpsc::Sender<FinishReport>,
+}
+
+/// Asks a running uploader ([`Uploader::run`]) for one last pass, then to stop.
+#[derive(Clone, Debug)]
+pub struct FinishHandle(tokio::sync::mpsc::Sender<FinishRequest>);
+
+/// What the last pass did, for the unmount log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FinishReport {
+    /// Files still waiting for upload afterwards (kept on flash; the next mount sends them).
+    pub files_left: u64,
+    /// The checkpoint the last pass published, if metadata had changed and it succeeded.
+    pub checkpoint_seq: Option<u64>,
+    /// A published checkpoint covers every metadata change this mount made.
+    pub checkpoint_current: bool,
+    pub checkpoint_error: Option<String>,
+    pub objects_deleted: u64,
+    /// The deadline cut the pass short.
+    pub timed_out: bool,
+}
+
+impl FinishHandle {
+    /// Blocks (call it outside the tier runtime) until the uploader has made its last pass:
+    /// uploads, a checkpoint if metadata changed since the last one, and the deletes that
+    /// checkpoint makes safe, all by `deadline`. `None` if the uploader did not answer by
+    /// then (a long pass was still running, or it is not running at all).
+    pub fn finish(&self, deadline: Instant) -> Option<FinishReport> {
+        let (reply, rx) = std::sync::mpsc::channel();
+        self.0.try_send(FinishRequest { deadline, reply }).ok()?;
+        // A little grace past the deadline for the answer itself.
+        let wait = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(2);
+        rx.recv_timeout(wait).ok()
+    }
 }
 
 /// Identity of a backing file's contents at one moment: if it is the same before and after
@@ -93,6 +167,7 @@ impl Uploader {
         concurrency: usize,
     ) -> Result<Uploader> {
         let fs = FsId::new(meta.fs_id())?;
+        let (finish_tx, finish_rx) = tokio::sync::mpsc::channel(1);
         Ok(Uploader {
             meta,
             flash,
@@ -104,7 +179,31 @@ impl Uploader {
             policy: FlushPolicy::default(),
             on_clean: None,
             first_seen: Default::default(),
+            checkpoints: tokio::sync::Mutex::new(Checkpoints {
+                publisher: None,
+                interval: Duration::ZERO,
+                last_attempt: None,
+                covered: None,
+                safe_deletes: HashSet::new(),
+            }),
+            finish_tx,
+            finish_rx: parking_lot::Mutex::new(Some(finish_rx)),
         })
+    }
+
+    /// Publishes a metadata checkpoint to `<fs-id>/meta/HEAD` when metadata changed, at
+    /// most once per `interval` (the first pass always publishes one), and DELETEs retired
+    /// objects only once a published checkpoint no longer names them (see the module doc).
+    pub fn with_checkpoints(mut self, interval: Duration) -> Uploader {
+        let c = self.checkpoints.get_mut();
+        c.publisher = Some(Publisher::new(self.store.clone(), self.fs.clone()));
+        c.interval = interval;
+        self
+    }
+
+    /// The handle that asks for the last pass at unmount.
+    pub fn finish_handle(&self) -> FinishHandle {
+        FinishHandle(self.finish_tx.clone())
     }
 
     pub fn with_policy(mut self, policy: FlushPolicy) -> Uploader {
@@ -163,8 +262,13 @@ impl Uploader {
         Arc::clone(&self.stats)
     }
 
-    /// Runs passes until the process ends: at once when kicked, else every `interval`.
+    /// Runs passes until the process ends or a [`FinishHandle`] asks for the last one: at
+    /// once when kicked, else every `interval`.
     pub async fn run(self, interval: Duration) {
+        let Some(mut finish_rx) = self.finish_rx.lock().take() else {
+            tracing::error!("the uploader is already running");
+            return;
+        };
         loop {
             if let Err(e) = self.pass().await {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -173,8 +277,52 @@ impl Uploader {
             tokio::select! {
                 _ = self.kick.0.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
+                Some(req) = finish_rx.recv() => {
+                    let report = self.finish(req.deadline).await;
+                    let _ = req.reply.send(report);
+                    return;
+                }
             }
         }
+    }
+
+    /// The last pass: a normal pass, then a checkpoint even if the interval is not up (when
+    /// metadata changed since the last one), then the deletes it makes safe. Whatever is
+    /// not done by `deadline` stays queued for the next mount.
+    pub async fn finish(&self, deadline: Instant) -> FinishReport {
+        let mut report = FinishReport::default();
+        // A third of the time is kept for the checkpoint, which matters more than any file.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let flush_until = Instant::now() + left * 2 / 3;
+        match tokio::time::timeout_at(flush_until.into(), self.pass()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "last upload pass failed");
+            }
+            Err(_) => report.timed_out = true,
+        }
+        let seq_before = self.stats.checkpoint_seq.load(Ordering::Relaxed);
+        let deleted_before = self.stats.objects_deleted.load(Ordering::Relaxed);
+        match tokio::time::timeout_at(deadline.into(), self.checkpoint_and_delete(true)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => report.checkpoint_error = Some(e.to_string()),
+            Err(_) => {
+                report.timed_out = true;
+                report.checkpoint_error = Some("out of time".into());
+            }
+        }
+        let seq = self.stats.checkpoint_seq.load(Ordering::Relaxed);
+        report.checkpoint_seq = (seq != seq_before).then_some(seq);
+        report.checkpoint_current =
+            self.checkpoints.lock().await.covered == Some(self.meta.change_count());
+        report.objects_deleted =
+            self.stats.objects_deleted.load(Ordering::Relaxed) - deleted_before;
+        report.files_left = self
+            .meta
+            .dirty_files(usize::MAX)
+            .map_or(0, |d| d.len() as u64);
+        report
     }
 
     /// One pass: uploads every queued file, then deletes every retired object. Returns true
@@ -192,7 +340,7 @@ impl Uploader {
                 tracing::warn!(error = %e, "upload failed; the file stays queued");
             }
         }
-        self.drain_deletes().await?;
+        self.checkpoint_and_delete(false).await?;
         let idle = self.meta.dirty_files(1).map_err(meta_err)?.is_empty()
             && self.meta.pending_deletes(1).map_err(meta_err)?.is_empty();
         if idle {
@@ -269,41 +417,139 @@ impl Uploader {
         Ok(())
     }
 
-    /// DELETEs retired generations, then drops them from the queue. Deleting a missing key
-    /// succeeds, so a DELETE redone after a crash is harmless.
+    /// With checkpoints on: publishes one if metadata changed and the interval is up (or
+    /// `force`), then DELETEs what the newest published checkpoint makes safe. A failed
+    /// publish is counted and retried after the interval; only a forced one returns it.
+    /// With checkpoints off: DELETEs every retired object.
+    async fn checkpoint_and_delete(&self, force: bool) -> Result<()> {
+        let mut guard = self.checkpoints.lock().await;
+        let c = &mut *guard;
+        let Some(publisher) = c.publisher.as_mut() else {
+            drop(guard);
+            return self.drain_deletes().await;
+        };
+        let changed = c.covered != Some(self.meta.change_count());
+        let due = force || c.last_attempt.is_none_or(|t| t.elapsed() >= c.interval);
+        if changed && due {
+            c.last_attempt = Some(Instant::now());
+            match self.publish(publisher).await {
+                Ok((seq, covered, deletes)) => {
+                    c.covered = Some(covered);
+                    c.safe_deletes = deletes.into_iter().collect();
+                    let s = &self.stats;
+                    s.checkpoints_published.fetch_add(1, Ordering::Relaxed);
+                    s.checkpoint_seq.store(seq, Ordering::Relaxed);
+                    s.checkpoint_unix.store(unix_secs(), Ordering::Relaxed);
+                    s.checkpoint_changes.store(covered, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.stats.checkpoint_errors.fetch_add(1, Ordering::Relaxed);
+                    if force {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "cannot publish a metadata checkpoint; retrying in {:?}", c.interval);
+                }
+            }
+        }
+        if c.safe_deletes.is_empty() {
+            return Ok(());
+        }
+        // Only what is still queued: a key can come back to life (see CommitBlobs) and
+        // leaves the queue then; passes are serialised, so nothing commits meanwhile.
+        let pending: HashSet<_> = self
+            .meta
+            .pending_deletes(usize::MAX)
+            .map_err(meta_err)?
+            .into_iter()
+            .collect();
+        c.safe_deletes.retain(|key| pending.contains(key));
+        let todo: Vec<_> = c.safe_deletes.iter().copied().collect();
+        for batch in todo.chunks(256) {
+            let (done, error) = self.delete_batch(batch).await?;
+            for key in &done {
+                c.safe_deletes.remove(key);
+            }
+            if let Some(e) = error {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Exports a checkpoint and publishes it. Returns its seq, the change count it covers
+    /// and its delete queue.
+    async fn publish(&self, publisher: &mut Publisher) -> Result<(u64, u64, Vec<(Ino, u64, u64)>)> {
+        let started = Instant::now();
+        let meta = Arc::clone(&self.meta);
+        let ckpt = tokio::task::spawn_blocking(move || meta.export_checkpoint())
+            .await
+            .map_err(|e| TierError::Other {
+                context: "checkpoint export task".into(),
+                source: Box::new(e),
+            })?
+            .map_err(meta_err)?;
+        let cfs_meta::Checkpoint {
+            bytes,
+            change_count,
+            counts,
+            deletes,
+            ..
+        } = ckpt;
+        let len = bytes.len();
+        let head = publisher.publish(Bytes::from(bytes), counts).await?;
+        tracing::debug!(seq = head.seq, bytes = len, inodes = head.counts.inodes, elapsed = ?started.elapsed(), "metadata checkpoint published");
+        Ok((head.seq, change_count, deletes))
+    }
+
+    /// DELETEs every retired generation, then drops them from the queue. Deleting a missing
+    /// key succeeds, so a DELETE redone after a crash is harmless. Only for stores without
+    /// checkpoints: with them, [`Self::checkpoint_and_delete`] decides what may go.
     async fn drain_deletes(&self) -> Result<()> {
         loop {
             let batch = self.meta.pending_deletes(256).map_err(meta_err)?;
             if batch.is_empty() {
                 return Ok(());
             }
-            let results: Vec<(Ino, u64, u64, Result<()>)> =
-                futures::stream::iter(batch.iter().copied())
-                    .map(|(ino, k, generation)| async move {
-                        let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
-                        (ino, k, generation, self.store.delete(&key).await)
-                    })
-                    .buffer_unordered(self.concurrency * 4)
-                    .collect()
-                    .await;
-            let mut done = Vec::new();
-            let mut first_error = None;
-            for (ino, k, generation, r) in results {
-                match r {
-                    Ok(()) => done.push((ino, k, generation)),
-                    Err(e) => first_error = first_error.or(Some(e)),
-                }
-            }
-            self.stats
-                .objects_deleted
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
-            self.meta
-                .execute(&Op::BlobsDeleted { blobs: done })
-                .map_err(meta_err)?;
-            if let Some(e) = first_error {
+            if let (_, Some(e)) = self.delete_batch(&batch).await? {
                 return Err(e);
             }
         }
+    }
+
+    /// DELETEs `batch` and drops what went from the queue. Returns what went, and the first
+    /// DELETE error, if any.
+    async fn delete_batch(
+        &self,
+        batch: &[(Ino, u64, u64)],
+    ) -> Result<(Vec<(Ino, u64, u64)>, Option<TierError>)> {
+        let results: Vec<(Ino, u64, u64, Result<()>)> =
+            futures::stream::iter(batch.iter().copied())
+                .map(|(ino, k, generation)| async move {
+                    let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
+                    (ino, k, generation, self.store.delete(&key).await)
+                })
+                .buffer_unordered(self.concurrency * 4)
+                .collect()
+                .await;
+        let mut done = Vec::new();
+        let mut first_error = None;
+        for (ino, k, generation, r) in results {
+            match r {
+                Ok(()) => done.push((ino, k, generation)),
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        self.stats
+            .objects_deleted
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        if !done.is_empty() {
+            self.meta
+                .execute(&Op::BlobsDeleted {
+                    blobs: done.clone(),
+                })
+                .map_err(meta_err)?;
+        }
+        Ok((done, first_error))
     }
 }
 
