@@ -65,7 +65,41 @@ impl cfs_fuse::TierHooks for Hooks {
         self.evictor.nominate(ino);
         self.kick.kick();
     }
+    fn admit_write(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.evictor.stats();
+        let full = || {
+            let cap = stats.flash_capacity.load(Relaxed);
+            cap > 0 && stats.flash_used.load(Relaxed) >= cap
+        };
+        if !full() {
+            return Ok(());
+        }
+        // Full: wait while uploads and eviction make room. Only if they cannot (the store
+        // is down, or what is on flash is dirty, open or pinned) does the write fail.
+        let deadline = Instant::now() + ADMIT_WAIT;
+        while Instant::now() < deadline {
+            self.kick.kick();
+            self.evictor.kick();
+            std::thread::sleep(Duration::from_millis(200));
+            if !full() {
+                return Ok(());
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!(
+                "flash holds {} of {} bytes and nothing could be evicted within {ADMIT_WAIT:?}",
+                stats.flash_used.load(Relaxed),
+                stats.flash_capacity.load(Relaxed)
+            ),
+        ))
+    }
 }
+
+/// How long a create or an open for writing waits for room on a full flash tier before it
+/// fails with ENOSPC.
+const ADMIT_WAIT: Duration = Duration::from_secs(20);
 
 impl Tier {
     pub fn hooks(&self) -> Arc<dyn cfs_fuse::TierHooks> {

@@ -35,6 +35,10 @@ pub trait TierHooks: Send + Sync {
     fn prefetch(&self, ino: u64, k: u64);
     /// The `user.cfs.tier` policy of `ino` changed.
     fn policy_changed(&self, ino: u64);
+    /// Called before new data may land on flash (a create, an open for writing): waits
+    /// while flash is full and the tier is making room, and fails with `ENOSPC` only if it
+    /// cannot (the object store is down, or everything on flash is dirty or pinned).
+    fn admit_write(&self) -> std::io::Result<()>;
 }
 
 impl std::fmt::Debug for FsOptions {
@@ -217,6 +221,17 @@ impl ClaudeFs {
             }
         }
         Ok(())
+    }
+
+    /// Waits for room on flash before new data is written (see [`TierHooks::admit_write`]).
+    pub(crate) fn admit_write(&self) -> FsResult<()> {
+        match &self.opts.tier {
+            Some(tier) => tier.admit_write().map_err(|e| {
+                tracing::warn!(error = %e, "flash is full and the object tier cannot make room");
+                crate::FsError::Errno(fuser::Errno::ENOSPC)
+            }),
+            None => Ok(()),
+        }
     }
 
     /// True if some blob of `ino` is off flash.

@@ -620,6 +620,12 @@ impl Filesystem for ClaudeFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
+            && let Err(e) = self.admit_write()
+        {
+            reply.error(fail("open", e));
+            return;
+        }
         let r = self.open_file(ino.0, flags.0, None, |f| reply.open_backing(f));
         match r {
             Ok((fh, Some(id))) => {
@@ -944,7 +950,8 @@ impl Filesystem for ClaudeFs {
         reply: ReplyCreate,
     ) {
         let r = self
-            .create_node(
+            .admit_write()
+            .and_then(|()| self.create_node(
                 req,
                 parent,
                 name,
@@ -959,7 +966,7 @@ impl Filesystem for ClaudeFs {
             .and_then(|(inode, file)| {
                 let (fh, id) = self.open_file(inode.ino, flags, file, |f| reply.open_backing(f))?;
                 Ok((inode, fh, id))
-            });
+            }));
         match r {
             Ok((inode, fh, Some(id))) => reply.created_passthrough(
                 &self.opts.entry_ttl,
