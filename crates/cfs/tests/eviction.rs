@@ -119,16 +119,26 @@ fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
     drop(big);
 
     let capacity = 192 * MIB as u64;
-    wait_status(&m, 180, "flush and eviction under the high watermark", |s| {
-        u(&s["tier"]["files_dirty"]) == 0
-            && u(&s["blobs"]["evicted"]) > 0
-            && u(&s["flash_tier"]["used_bytes"]) <= capacity * 80 / 100
-    });
+    wait_status(
+        &m,
+        180,
+        "flush and eviction under the high watermark",
+        |s| {
+            u(&s["tier"]["files_dirty"]) == 0
+                && u(&s["blobs"]["evicted"]) > 0
+                && u(&s["flash_tier"]["used_bytes"]) <= capacity * 80 / 100
+        },
+    );
 
     drop_caches();
     for (p, want) in &files {
         let data = std::fs::read(p).expect("read back");
-        assert_eq!(&sha256(&data), want, "{} differs after eviction", p.display());
+        assert_eq!(
+            &sha256(&data),
+            want,
+            "{} differs after eviction",
+            p.display()
+        );
     }
     let s = status(&m);
     assert!(u(&s["flash_tier"]["blobs_hydrated"]) > 0, "{s:#}");
@@ -140,7 +150,12 @@ fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
     drop_caches();
     for (p, want) in &files {
         let data = std::fs::read(p).expect("read back after remount");
-        assert_eq!(&sha256(&data), want, "{} differs after remount", p.display());
+        assert_eq!(
+            &sha256(&data),
+            want,
+            "{} differs after remount",
+            p.display()
+        );
     }
     m.unmount();
 }
@@ -217,10 +232,7 @@ fn evicted_file_reads_writes_and_truncates_like_any_other() {
     // Holes are not reported where evicted data is (cp, tar --sparse rely on SEEK_DATA).
     wait_status(&m, 120, "evicted again", |s| u(&s["blobs"]["evicted"]) == 3);
     let copy = root.path().join("copy");
-    let out = run(Command::new("cp")
-        .arg("--sparse=always")
-        .arg(&p)
-        .arg(&copy));
+    let out = run(Command::new("cp").arg("--sparse=always").arg(&p).arg(&copy));
     assert!(out.status.success());
     assert!(std::fs::read(&copy).expect("copy") == want, "cp lost data");
 
@@ -254,7 +266,9 @@ fn corrupt_object_gives_eio_and_is_reported() {
     let p = m.path("f");
     write_synced(&p, &data);
     set_policy(&p, "s3");
-    wait_status(&m, 120, "the file evicted", |s| u(&s["blobs"]["evicted"]) == 1);
+    wait_status(&m, 120, "the file evicted", |s| {
+        u(&s["blobs"]["evicted"]) == 1
+    });
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("stat"));
     let fs_dir = std::fs::read_dir(&store)
         .expect("store")
@@ -504,7 +518,10 @@ fn full_flash_with_the_store_down_gives_enospc_and_recovers() {
             }
             Err(e) => {
                 assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-                assert!(Instant::now() < deadline, "still ENOSPC with the store back");
+                assert!(
+                    Instant::now() < deadline,
+                    "still ENOSPC with the store back"
+                );
             }
         }
     }
@@ -514,5 +531,118 @@ fn full_flash_with_the_store_down_gives_enospc_and_recovers() {
         let got = std::fs::read(p).expect("read back");
         assert_eq!(&sha256(&got), want, "{} differs", p.display());
     }
+    m.unmount();
+}
+
+/// A seeded xorshift, for the random operations below; the seed is printed for replay.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[test]
+fn random_operations_across_evictions_match_a_model() {
+    use std::os::unix::fs::FileExt;
+    let seed: u64 = std::env::var("CFS_EVICT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_cf5);
+    eprintln!(
+        "random operations across evictions: seed {seed} (replay with CFS_EVICT_SEED={seed})"
+    );
+    let mut rng = Rng(seed | 1);
+    let root = scratch("evict-model");
+    let store = root.path().join("store");
+    std::fs::create_dir_all(&store).expect("store");
+    let url = format!("file://{}", store.display());
+    let mut m = Mount::start(root.path(), &["--object-store", &url]);
+    set_policy(&m.mountpoint, "s3");
+    let p = m.path("f");
+    let max = 150 * MIB as u64;
+    let mut model = noise(seed, 100 * MIB);
+    write_synced(&p, &model);
+    for cycle in 0..6 {
+        wait_status(&m, 180, "everything flushed and evicted", |s| {
+            u(&s["tier"]["files_dirty"]) == 0
+                && u(&s["uploads"]["files_in_flight"]) == 0
+                && u(&s["blobs"]["clean"]) == 0
+        });
+        drop_caches();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .expect("open cold");
+        for step in 0..30 {
+            let what = rng.below(10);
+            let ctx = format!("cycle {cycle} step {step} op {what} (seed {seed})");
+            match what {
+                0..=3 => {
+                    let off = rng.below(max);
+                    let len = 1 + rng.below(256 << 10) as usize;
+                    let data = noise(rng.next(), len);
+                    f.write_all_at(&data, off).expect(&ctx);
+                    let end = off as usize + len;
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[off as usize..end].copy_from_slice(&data);
+                }
+                4..=6 => {
+                    let off = rng.below(model.len() as u64 + 4096) as usize;
+                    let len = 1 + rng.below(512 << 10) as usize;
+                    let mut buf = vec![0u8; len];
+                    let n = f.read_at(&mut buf, off as u64).expect(&ctx);
+                    let want_end = (off + len).min(model.len()).max(off);
+                    assert_eq!(n, want_end - off, "{ctx}: short read");
+                    assert!(buf[..n] == model[off..want_end], "{ctx}: read differs");
+                }
+                7 => {
+                    let size = rng.below(max) as usize;
+                    f.set_len(size as u64).expect(&ctx);
+                    model.resize(size, 0);
+                }
+                _ => {
+                    let off = rng.below(model.len() as u64 + 1);
+                    let len = 1 + rng.below(8 << 20);
+                    // SAFETY: a plain syscall on an fd this test owns; no memory is passed.
+                    let r = unsafe {
+                        libc::fallocate(
+                            std::os::fd::AsRawFd::as_raw_fd(&f),
+                            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                            off as i64,
+                            len as i64,
+                        )
+                    };
+                    assert_eq!(
+                        r,
+                        0,
+                        "{ctx}: punch hole: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    let start = (off as usize).min(model.len());
+                    let end = ((off + len) as usize).min(model.len());
+                    model[start..end].fill(0);
+                }
+            }
+        }
+        f.sync_all().expect("fsync");
+        drop(f);
+    }
+    drop_caches();
+    let got = std::fs::read(&p).expect("read all");
+    assert_eq!(got.len(), model.len(), "size (seed {seed})");
+    assert!(got == model, "content differs at the end (seed {seed})");
+    let s = status(&m);
+    assert!(u(&s["flash_tier"]["blobs_hydrated"]) > 0, "{s:#}");
     m.unmount();
 }

@@ -60,13 +60,58 @@ fn parse_summary(out: &str) -> Summary {
 /// Flags and setup for the runs with eviction: a small flash tier, and every file pushed
 /// out to the object store as soon as it is uploaded and closed (the `s3` policy on the
 /// root, inherited by everything created under it).
-const EVICTING: &[&str] = &["--flash-capacity", "16M", "--high-watermark", "50", "--low-watermark", "20"];
+const EVICTING: &[&str] = &[
+    "--flash-capacity",
+    "16M",
+    "--high-watermark",
+    "50",
+    "--low-watermark",
+    "20",
+];
 
 fn push_everything_out(m: &Mount) {
     let out = run(Command::new("setfattr")
         .args(["-n", "user.cfs.tier", "-v", "s3"])
         .arg(&m.mountpoint));
     assert!(out.status.success(), "setfattr on the root");
+}
+
+/// Keeps eviction and re-hydration busy while a suite runs: writes 4 MiB files (pushed out by
+/// the inherited `s3` policy) and reads earlier ones back, checking every byte. The suites'
+/// own files are mostly empty or held open, so this is what makes blobs leave and come back
+/// during the run. Returns (files written, files read back) when `stop` is set.
+fn churn(
+    dir: PathBuf,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    std::thread::spawn(move || {
+        use std::sync::atomic::Ordering;
+        std::fs::create_dir_all(&dir).expect("churn dir");
+        let (mut written, mut read) = (0u64, 0u64);
+        let content = |i: u64| -> Vec<u8> {
+            (0..4u64 << 20)
+                .map(|b| (b.wrapping_mul(2654435761).wrapping_add(i) >> 7) as u8)
+                .collect()
+        };
+        while !stop.load(Ordering::Relaxed) {
+            let i = written;
+            let p = dir.join(format!("c{}", i % 16));
+            std::fs::write(&p, content(i)).expect("churn write");
+            written += 1;
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if written > 8 {
+                // A file written 8 rounds ago: uploaded and evicted by now, most likely.
+                let j = written - 8;
+                let q = dir.join(format!("c{}", j % 16));
+                if j % 16 != i % 16 {
+                    let got = std::fs::read(&q).expect("churn read");
+                    assert!(got == content(j), "churn file {} differs", q.display());
+                    read += 1;
+                }
+            }
+        }
+        (written, read)
+    })
 }
 
 fn tier_counter(m: &Mount, name: &str) -> u64 {
@@ -79,9 +124,11 @@ fn pjdfstest(mode: &[&str], name: &str) {
     let bin = tool("pjdfstest");
     let root = scratch(name);
     let m = Mount::start(root.path(), mode);
-    if mode == EVICTING {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churner = (mode == EVICTING).then(|| {
         push_everything_out(&m);
-    }
+        churn(m.path("churn"), stop.clone())
+    });
     let work = m.path("pjd");
     std::fs::create_dir(&work).expect("mkdir");
     set_mode(&work, 0o755);
@@ -125,13 +172,31 @@ fn pjdfstest(mode: &[&str], name: &str) {
         unexpected.is_empty(),
         "pjdfstest failures not in tests/pjdfstest-known-failures.txt: {unexpected:?}\n{stdout}"
     );
-    if mode == EVICTING {
-        eprintln!(
-            "pjdfstest with eviction: {} blobs evicted, {} hydrated",
-            tier_counter(&m, "blobs_evicted"),
-            tier_counter(&m, "blobs_hydrated")
-        );
+    if let Some(churner) = churner {
+        check_evictions("pjdfstest", &m, &stop, churner);
     }
+}
+
+/// Stops the churn and checks that blobs left flash and came back during the run.
+fn check_evictions(
+    suite: &str,
+    m: &Mount,
+    stop: &std::sync::atomic::AtomicBool,
+    churner: std::thread::JoinHandle<(u64, u64)>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (written, read) = churner.join().expect("churn thread");
+    let (evicted, hydrated) = (
+        tier_counter(m, "blobs_evicted"),
+        tier_counter(m, "blobs_hydrated"),
+    );
+    eprintln!(
+        "{suite} with eviction: {evicted} blobs evicted, {hydrated} re-hydrated; churn wrote {written} files and read back {read}"
+    );
+    assert!(
+        evicted > 0 && hydrated > 0,
+        "blobs must leave flash and come back during the run ({evicted} evicted, {hydrated} hydrated)"
+    );
 }
 
 #[test]
@@ -158,9 +223,11 @@ fn fsx(mode: &[&str], name: &str, seed: u64) {
     let bin = tool("fsx");
     let root = scratch(name);
     let m = Mount::start(root.path(), mode);
-    if mode == EVICTING {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churner = (mode == EVICTING).then(|| {
         push_everything_out(&m);
-    }
+        churn(m.path("churn"), stop.clone())
+    });
     let ops = fsx_ops();
     eprintln!("fsx {mode:?}: {ops} operations, seed {seed} (replay with -S {seed})");
     let out = Command::new(bin)
@@ -179,14 +246,8 @@ fn fsx(mode: &[&str], name: &str, seed: u64) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    if mode == EVICTING {
-        let (evicted, hydrated) = (
-            tier_counter(&m, "blobs_evicted"),
-            tier_counter(&m, "blobs_hydrated"),
-        );
-        // fsx keeps its file open between close_open's instant reopens, and an open file
-        // is never evicted, so the counts here are whatever the timing gave.
-        eprintln!("fsx with eviction: {evicted} blobs evicted, {hydrated} hydrated");
+    if let Some(churner) = churner {
+        check_evictions("fsx", &m, &stop, churner);
     }
 }
 
