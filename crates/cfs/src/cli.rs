@@ -32,6 +32,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Check every metadata invariant of an unmounted data dir, and optionally repair.
     Fsck(FsckArgs),
+    /// Rebuild a filesystem into a new data dir from its object store alone.
+    Repair(RepairArgs),
     /// Measure metadata and small-file rates in a directory (native or a mount). The full
     /// comparison with fio and other filesystems is scripts/bench.
     Bench(BenchCliArgs),
@@ -198,6 +200,61 @@ pub struct FsckArgs {
     /// Fix what is safe to fix: link counts, listings, sizes, orphans.
     #[arg(long)]
     pub repair: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(
+    long_about = "Rebuild a filesystem into a new data dir from its object store alone, after the \
+                  node that held it is lost.\n\n\
+                  A mount publishes a metadata checkpoint to the store every --checkpoint-interval \
+                  seconds when metadata changed, and at every clean unmount. Repair downloads the \
+                  newest one (<fs-id>/meta/HEAD), verifies it, builds NEWDIR from it, then \
+                  downloads every blob into the backing files, checking each against its crc32c. \
+                  NEWDIR is then bound to URL (NEWDIR/tier.json): mount it with \
+                  `cfs mount MNT --data-dir NEWDIR`.\n\n\
+                  Changes made after the newest checkpoint, and data not yet uploaded when it was \
+                  taken, are not in the store and cannot come back. Never mount the repaired \
+                  filesystem while the original still runs against the same store: both would \
+                  write the same keys.\n\n\
+                  Interrupted (Ctrl-C, kill, crash), the same command resumes where it stopped: \
+                  NEWDIR/repair.incomplete marks a repair in progress, and blobs already \
+                  downloaded are not fetched again.\n\n\
+                  Example:\n  cfs repair --from-s3 s3://bucket/prefix --data-dir /var/lib/cfs/restored \\\n      \
+                  --s3-endpoint http://10.0.0.5:9000\n  cfs mount /mnt/cfs --data-dir /var/lib/cfs/restored"
+)]
+pub struct RepairArgs {
+    /// The object store to rebuild from: s3://bucket/prefix or file:///abs/path, as the
+    /// filesystem was mounted with.
+    #[arg(long = "from-s3", value_name = "URL")]
+    pub from_s3: String,
+
+    /// The data dir to build. It must be missing or empty, or hold an interrupted repair of
+    /// the same filesystem, which is then resumed.
+    #[arg(long, value_name = "NEWDIR")]
+    pub data_dir: PathBuf,
+
+    /// The filesystem to rebuild, when several share the store's prefix. Default: the one
+    /// that published a checkpoint there last (named by the object meta/LATEST).
+    #[arg(long, value_name = "ID")]
+    pub fs_id: Option<String>,
+
+    /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    pub s3_region: Option<String>,
+
+    /// Rebuild the metadata only. Every file is then fetched from the store when it is
+    /// first read, so the filesystem is usable at once, but reads need the store.
+    #[arg(long)]
+    pub lazy: bool,
+
+    /// Blobs downloaded at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub jobs: usize,
 }
 
 #[derive(Args, Debug)]

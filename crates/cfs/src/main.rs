@@ -7,6 +7,7 @@ mod datadir;
 mod fsck;
 mod mount;
 mod mounts;
+mod repair;
 mod status;
 mod tier;
 
@@ -68,6 +69,7 @@ fn main() {
         Command::Umount(args) => umount(&args.mountpoint),
         Command::Status(args) => status::run(&args.target, args.json),
         Command::Fsck(args) => fsck::run(&args.data_dir, args.repair),
+        Command::Repair(args) => repair::run(args),
         Command::Bench(args) => bench::run(&bench::BenchArgs {
             dir: args.dir,
             files: args.files,

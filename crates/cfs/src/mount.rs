@@ -187,6 +187,10 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     })?;
 
     let result = session.run();
+    // Unmounted: upload what is due, publish the final metadata checkpoint, then delete.
+    if let Some(t) = &tier {
+        t.finish();
+    }
     let _ = std::fs::remove_file(dir.socket_path());
     meta.sync().context("final metadata sync")?;
     if let Err(e) = result {

@@ -56,6 +56,15 @@ pub struct UploadCounters {
     pub files_in_flight: u64,
     /// Files the tiered mode holds on flash until they reach the flush age.
     pub files_held: u64,
+    /// Metadata checkpoints published to the object store since the mount started (what
+    /// `cfs repair --from-s3` rebuilds from), and failed attempts.
+    pub checkpoints_published: u64,
+    pub checkpoint_errors: u64,
+    /// Seq of the newest checkpoint this mount published (0: none yet), and its age.
+    pub checkpoint_seq: u64,
+    pub checkpoint_age_secs: Option<u64>,
+    /// Metadata changed since that checkpoint: the next one is due within the interval.
+    pub checkpoint_behind: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -140,6 +149,15 @@ impl Status {
                 errors: t.uploads.errors.load(Relaxed),
                 files_in_flight: t.uploads.files_in_flight.load(Relaxed),
                 files_held: t.uploads.files_held.load(Relaxed),
+                checkpoints_published: t.uploads.checkpoints_published.load(Relaxed),
+                checkpoint_errors: t.uploads.checkpoint_errors.load(Relaxed),
+                checkpoint_seq: t.uploads.checkpoint_seq.load(Relaxed),
+                checkpoint_age_secs: match t.uploads.checkpoint_unix.load(Relaxed) {
+                    0 => None,
+                    at => Some(now.saturating_sub(at)),
+                },
+                checkpoint_behind: t.uploads.checkpoints_published.load(Relaxed) == 0
+                    || meta.change_count() > t.uploads.checkpoint_changes.load(Relaxed),
             }),
             flash_tier: tier.map(|t| FlashTier {
                 used_bytes: t.evict.flash_used.load(Relaxed),
@@ -233,6 +251,23 @@ impl Status {
                 u.errors,
                 u.files_in_flight
             );
+            match u.checkpoint_age_secs {
+                Some(age) => println!(
+                    "checkpoint   #{} in the object store, {age} s ago{}; {} published since mount, {} failed",
+                    u.checkpoint_seq,
+                    if u.checkpoint_behind {
+                        ", newer changes pending"
+                    } else {
+                        ", current"
+                    },
+                    u.checkpoints_published,
+                    u.checkpoint_errors
+                ),
+                None => println!(
+                    "checkpoint   none published by this mount yet, {} failed",
+                    u.checkpoint_errors
+                ),
+            }
         }
     }
 }

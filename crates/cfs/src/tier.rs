@@ -8,7 +8,7 @@ use cfs_flash::FlashDir;
 use cfs_meta::MetaStore;
 use cfs_tier::evict::{EvictConfig, EvictStats, Evictor, OpenFiles};
 use cfs_tier::hydrate::{HydrateStats, Hydrator};
-use cfs_tier::uploader::{FlushPolicy, UploadKick, UploadStats, Uploader};
+use cfs_tier::uploader::{FinishHandle, FlushPolicy, UploadKick, UploadStats, Uploader};
 use cfs_tier::{S3Options, StoreUrl};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,7 +23,14 @@ pub struct Tier {
     live: Arc<LiveFiles>,
     high_pct: u8,
     low_pct: u8,
+    /// Asks the uploader for its last pass at unmount.
+    finish: FinishHandle,
 }
+
+/// How long a clean unmount waits for the tier's last pass (uploads, the final metadata
+/// checkpoint, the deletes it allows). Bounded so that a dead object store cannot hold up a
+/// shutdown; what is left stays queued on flash for the next mount.
+const FINISH_BUDGET: Duration = Duration::from_secs(30);
 
 /// The evictor's view of open files; until the mount is up, every file counts as open.
 #[derive(Default)]
@@ -102,6 +109,35 @@ impl cfs_fuse::TierHooks for Hooks {
 const ADMIT_WAIT: Duration = Duration::from_secs(20);
 
 impl Tier {
+    /// The tier's part of a clean unmount: a last upload pass, a metadata checkpoint to the
+    /// object store if anything changed since the last one, and the DELETEs it makes safe,
+    /// within [`FINISH_BUDGET`]. Logs what it did; never fails the unmount.
+    pub fn finish(&self) {
+        let started = Instant::now();
+        match self.finish.finish(started + FINISH_BUDGET) {
+            Some(r) if r.checkpoint_error.is_none() && !r.timed_out => tracing::info!(
+                files_left = r.files_left,
+                checkpoint = ?r.checkpoint_seq,
+                checkpoint_current = r.checkpoint_current,
+                objects_deleted = r.objects_deleted,
+                elapsed = ?started.elapsed(),
+                "object tier: last pass done"
+            ),
+            Some(r) => tracing::warn!(
+                files_left = r.files_left,
+                checkpoint = ?r.checkpoint_seq,
+                checkpoint_current = r.checkpoint_current,
+                error = r.checkpoint_error.as_deref().unwrap_or(""),
+                timed_out = r.timed_out,
+                "object tier: last pass incomplete; the next mount catches up"
+            ),
+            None => tracing::warn!(
+                budget = ?FINISH_BUDGET,
+                "object tier: the uploader did not make its last pass in time; the next mount catches up"
+            ),
+        }
+    }
+
     pub fn hooks(&self) -> Arc<dyn cfs_fuse::TierHooks> {
         Arc::new(Hooks {
             kick: self.kick.clone(),
@@ -199,7 +235,8 @@ pub fn start(
         flush_age: Duration::from_secs(args.flush_age),
         pressure: evictor.pressure(),
     })
-    .on_clean(Arc::new(move |ino| nominate.nominate(ino)));
+    .on_clean(Arc::new(move |ino| nominate.nominate(ino)))
+    .with_checkpoints(Duration::from_secs(args.checkpoint_interval));
     let tier = Tier {
         kick: uploader.kick_handle(),
         stats: uploader.stats(),
@@ -208,6 +245,7 @@ pub fn start(
         live,
         high_pct: args.high_watermark,
         low_pct: args.low_watermark,
+        finish: uploader.finish_handle(),
     };
     let handle = runtime.handle().clone();
     std::thread::Builder::new()
@@ -215,7 +253,14 @@ pub fn start(
         .spawn(move || evictor.run(handle))?;
     std::thread::Builder::new()
         .name("cfs-uploader".into())
-        .spawn(move || runtime.block_on(uploader.run(Duration::from_secs(1))))?;
+        .spawn(move || {
+            runtime.block_on(async {
+                uploader.run(Duration::from_secs(1)).await;
+                // The last pass is done (unmount). Keep the runtime, which the evictor and
+                // hydration share, alive until the process exits.
+                std::future::pending::<()>().await
+            })
+        })?;
     tracing::info!(
         object_store = url,
         mode = args.tier_mode.as_str(),
