@@ -9,7 +9,6 @@ use cfs_meta::MetaStore;
 use cfs_tier::evict::{EvictConfig, EvictStats, Evictor, OpenFiles};
 use cfs_tier::hydrate::{HydrateStats, Hydrator};
 use cfs_tier::uploader::{FinishHandle, FlushPolicy, UploadKick, UploadStats, Uploader};
-use cfs_tier::{S3Options, StoreUrl};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -180,26 +179,7 @@ pub fn start(
     flash: &FlashDir,
 ) -> Result<Tier> {
     let url = cfg.url.as_str();
-    let parsed: StoreUrl = url
-        .parse()
-        .with_context(|| format!("bad --object-store {url:?}"))?;
-    if matches!(parsed, StoreUrl::S3 { .. })
-        && (std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
-            || std::env::var_os("AWS_SECRET_ACCESS_KEY").is_none())
-    {
-        // Without explicit credentials the S3 client would go looking for instance
-        // credentials on the network; refuse instead.
-        anyhow::bail!("s3:// needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment");
-    }
-    let opts = S3Options {
-        endpoint: cfg.s3_endpoint.clone(),
-        region: cfg.s3_region.clone(),
-        allow_http: cfg.s3_endpoint.as_deref().map(|e| e.starts_with("http://")),
-        ..S3Options::default()
-    };
-    let store = parsed
-        .open(&opts)
-        .with_context(|| format!("cannot open object store {url}"))?;
+    let store = cfg.open_store()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("cfs-tier")

@@ -3,7 +3,7 @@
 //! same tree byte for byte, with the same modes, sizes, link counts, inode numbers, times,
 //! symlinks and xattrs. A repair killed midway resumes to the same result; a damaged
 //! checkpoint is refused with a clear error; a data dir in use or holding a filesystem is
-//! refused. The second test does the same through an S3 server (s3s-fs on loopback), after
+//! refused; `--lazy` gives the same tree, fetched on first read. The second test does the same through an S3 server (s3s-fs on loopback), after
 //! the daemon was killed rather than unmounted, so that only a periodic checkpoint exists.
 
 mod common;
@@ -366,6 +366,24 @@ fn repair_rebuilds_the_filesystem_from_the_bucket_alone() {
         blobs_downloaded(&second) < blobs_downloaded(&first),
         "the resumed repair fetched everything again:\n{first}\n---\n{second}"
     );
+
+    // --lazy: metadata only; every blob comes from the store on first read.
+    let lazy = root.path().join("lazy");
+    let out = repair_cmd(&url, &lazy)
+        .arg("--lazy")
+        .output()
+        .expect("run repair");
+    assert!(
+        out.status.success(),
+        "lazy repair failed:\n{}",
+        output_text(&out)
+    );
+    let mut m = Mount::start_at(&mountpoint, &lazy, &[]);
+    let s = status(&m);
+    assert_eq!(u(&s["blobs"]["evicted"]), blobs, "{s:#}");
+    assert_same_tree(&m, &want, &want_xattrs);
+    m.unmount();
+
     let mut m = Mount::start_at(&mountpoint, &again, &[]);
     assert_same_tree(&m, &want, &want_xattrs);
     // The rebuilt filesystem is live: a new file goes to the store and the next checkpoint.
