@@ -646,3 +646,40 @@ fn random_operations_across_evictions_match_a_model() {
     assert!(u(&s["flash_tier"]["blobs_hydrated"]) > 0, "{s:#}");
     m.unmount();
 }
+
+/// `std::fs::write` over an evicted file (open with O_TRUNC, then the same number of bytes):
+/// the new bytes must reach the store, in both data-path modes.
+#[test]
+fn same_size_rewrite_of_an_evicted_file_is_uploaded() {
+    for (name, mode) in [("pt", &[][..]), ("nopt", &["--no-passthrough"][..])] {
+        let root = scratch(&format!("evict-rewrite-{name}"));
+        let store = root.path().join("store");
+        std::fs::create_dir_all(&store).expect("store");
+        let url = format!("file://{}", store.display());
+        let mut args = vec!["--object-store", url.as_str()];
+        args.extend_from_slice(mode);
+        let mut m = Mount::start(root.path(), &args);
+        set_policy(&m.mountpoint, "s3");
+        let p = m.path("f");
+        let evicted = |m: &Mount| {
+            wait_status(m, 120, "flushed and evicted", |s| {
+                u(&s["tier"]["files_dirty"]) == 0
+                    && u(&s["uploads"]["files_in_flight"]) == 0
+                    && u(&s["blobs"]["clean"]) == 0
+                    && u(&s["blobs"]["evicted"]) == 1
+            })
+        };
+        std::fs::write(&p, noise(1, 4 * MIB)).expect("write a");
+        evicted(&m);
+        let b = noise(2, 4 * MIB);
+        std::fs::write(&p, &b).expect("write b");
+        std::thread::sleep(Duration::from_millis(500));
+        evicted(&m);
+        drop_caches();
+        assert!(
+            std::fs::read(&p).expect("read") == b,
+            "{name}: the rewrite was lost"
+        );
+        m.unmount();
+    }
+}

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The unit of eviction and re-hydration (the object tier's blob size).
-pub const BLOB_SIZE: u64 = 64 << 20;
+pub use cfs_meta::BLOB_SIZE;
 
 /// Mount-time choices that change how requests are served.
 #[derive(Clone)]
@@ -155,16 +154,23 @@ impl ClaudeFs {
         }
     }
 
-    /// Brings the inode's recorded size and times up to the backing file's.
-    /// Skipped when nothing but atime moved, so closing a file that was opened for writing
-    /// but not written costs no metadata commit.
-    pub(crate) fn sync_data_attr(&self, ino: u64) -> FsResult<()> {
+    /// Brings the inode's recorded size and times up to the backing file's, and queues the
+    /// file for upload if its data changed. Writes that bypassed the daemon (passthrough) are
+    /// seen by their effect on size or mtime; `written` says the daemon itself wrote through
+    /// the handle, which must queue the file even when size and mtime match (a same-size
+    /// rewrite whose mtime the kernel's writeback cache already set with SETATTR). Closing a
+    /// file that was opened for writing but not written costs no metadata commit.
+    pub(crate) fn sync_data_attr(&self, ino: u64, written: bool) -> FsResult<()> {
         if let Some(d) = DataAttr::read(&self.flash, ino) {
             if let Ok(inode) = self.meta.inode(ino)
                 && inode.size == d.size
                 && inode.mtime == d.mtime
             {
-                return Ok(());
+                return if written {
+                    self.data_changed(ino)
+                } else {
+                    Ok(())
+                };
             }
             match self.meta.execute(&Op::SyncData {
                 ino,
@@ -205,15 +211,14 @@ impl ClaudeFs {
         if evicted.is_empty() {
             return Ok(());
         }
+        // A blob that starts at or past the end holds no data (a truncation dropped its mark);
+        // any other blob the range touches is fetched, also for a write past the end into a
+        // blob that holds data before the end.
         let size = DataAttr::read(&self.flash, ino).map_or(0, |d| d.size);
-        let end = range.end.min(size);
-        if range.start >= end {
-            return Ok(());
-        }
         let first = range.start / BLOB_SIZE;
-        let last = (end - 1) / BLOB_SIZE;
+        let last = (range.end - 1) / BLOB_SIZE;
         for (k, _) in evicted {
-            if (first..=last).contains(&k) {
+            if (first..=last).contains(&k) && k * BLOB_SIZE < size {
                 tier.hydrate(ino, k).map_err(|e| {
                     tracing::warn!(ino, k, error = %e, "cannot bring a blob back from the object store");
                     crate::FsError::Errno(fuser::Errno::EIO)

@@ -724,7 +724,7 @@ impl Filesystem for ClaudeFs {
         reply: ReplyEmpty,
     ) {
         let r = match self.live.handles.remove(fh.0) {
-            Some(h) if h.writable => self.sync_data_attr(ino.0),
+            Some(h) if h.writable => self.sync_data_attr(ino.0, h.written.load(Ordering::Relaxed)),
             _ => Ok(()),
         };
         Self::empty(reply, "release", r);
@@ -745,7 +745,7 @@ impl Filesystem for ClaudeFs {
             } else {
                 h.file.sync_all()?;
             }
-            self.sync_data_attr(ino.0)?;
+            self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
             self.meta.sync()?;
             Ok(())
         })();
@@ -949,9 +949,8 @@ impl Filesystem for ClaudeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .admit_write()
-            .and_then(|()| self.create_node(
+        let r = self.admit_write().and_then(|()| {
+            self.create_node(
                 req,
                 parent,
                 name,
@@ -966,7 +965,8 @@ impl Filesystem for ClaudeFs {
             .and_then(|(inode, file)| {
                 let (fh, id) = self.open_file(inode.ino, flags, file, |f| reply.open_backing(f))?;
                 Ok((inode, fh, id))
-            }));
+            })
+        });
         match r {
             Ok((inode, fh, Some(id))) => reply.created_passthrough(
                 &self.opts.entry_ttl,
@@ -1007,6 +1007,7 @@ impl Filesystem for ClaudeFs {
                 offset as i64,
                 length as i64,
             )?;
+            h.written.store(true, Ordering::Relaxed);
             Ok(())
         });
         Self::empty(reply, "fallocate", r);

@@ -224,7 +224,9 @@ impl<'t> Tx<'t> {
                 inode.atime = *atime;
                 inode.mtime = *mtime;
                 inode.ctime = inode.ctime.max(*ctime);
-                Ok(Outcome::Inode(inode.clone()))
+                let inode = inode.clone();
+                self.forget_evicted_past(*ino, *size)?;
+                Ok(Outcome::Inode(inode))
             }
             Op::Purge { ino } => self.purge(*ino),
             Op::MarkDirty { ino } => {
@@ -552,6 +554,9 @@ impl<'t> Tx<'t> {
                 self.xattrs
                     .insert((ino, acl::ACCESS_XATTR), acl.encode().as_slice())?;
             }
+        }
+        if let Some(size) = attr.size {
+            self.forget_evicted_past(ino, size)?;
         }
         Ok(Outcome::Inode(self.inode(ino)?.clone()))
     }

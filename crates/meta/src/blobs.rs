@@ -79,4 +79,22 @@ impl Tx<'_> {
         }
         Ok(Outcome::Evicted(marked))
     }
+
+    /// After the file became `size` bytes long: blobs that start at or past the end hold no
+    /// data any more, so they are no longer "evicted". Left marked, a later write into that
+    /// range would land on flash while the mark says the blob is in the store only, and the
+    /// uploader (which skips evicted blobs) would never send it. Their records stay until the
+    /// next upload retires them.
+    pub(crate) fn forget_evicted_past(&mut self, ino: Ino, size: u64) -> Result<()> {
+        let first_gone = size.div_ceil(crate::BLOB_SIZE);
+        let gone: Vec<u64> = self
+            .evicted
+            .range((ino, first_gone)..=(ino, u64::MAX))?
+            .map(|r| r.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for k in gone {
+            self.evicted.remove((ino, k))?;
+        }
+        Ok(())
+    }
 }

@@ -25,5 +25,10 @@ pub use store::{EvictCandidate, FORMAT_VERSION, MetaCounts, MetaStore, TierCount
 pub use tables::TIER_XATTR;
 pub use types::*;
 
+/// The unit of the object tier: a regular file is cut into blobs of 64 MiB, blob `k` covering
+/// bytes `[k * BLOB_SIZE, (k + 1) * BLOB_SIZE)`. Metadata records blobs by index, so every
+/// layer must agree on this one value.
+pub const BLOB_SIZE: u64 = 64 << 20;
+
 #[cfg(test)]
 mod tests;

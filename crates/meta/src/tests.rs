@@ -2692,3 +2692,48 @@ fn tier_policy_is_inherited_by_new_files_and_directories() {
     let l = symlink(&s, d.ino, "l", b"f").expect("symlink");
     assert!(s.xattr(l.ino, crate::TIER_XATTR).is_err());
 }
+
+#[test]
+fn shrinking_a_file_forgets_evictions_past_the_end() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "f", FileKind::File).expect("create");
+    let blob_size = crate::BLOB_SIZE;
+    s.execute(&Op::CommitBlobs {
+        ino: f.ino,
+        blobs: vec![blob(0, 1, blob_size), blob(1, 1, blob_size), blob(2, 1, 10)],
+        blob_count: 3,
+        clean: true,
+    })
+    .expect("commit");
+    s.execute(&Op::Evict {
+        ino: f.ino,
+        blobs: vec![(0, 1), (1, 1), (2, 1)],
+    })
+    .expect("evict");
+    // Cut inside blob 1: blob 2 holds no data any more; blobs 0 and 1 stay evicted.
+    s.execute(&Op::SetAttr {
+        ino: f.ino,
+        attr: SetAttr {
+            size: Some(blob_size + 5),
+            ..SetAttr::default()
+        },
+        now: ts(10),
+    })
+    .expect("truncate");
+    assert_eq!(s.evicted_of(f.ino).expect("evicted"), vec![(0, 1), (1, 1)]);
+    // To zero: nothing is evicted, so writes past the end land on flash as new data.
+    s.execute(&Op::SyncData {
+        ino: f.ino,
+        size: 0,
+        atime: ts(11),
+        mtime: ts(11),
+        ctime: ts(11),
+    })
+    .expect("sync");
+    assert!(s.evicted_of(f.ino).expect("evicted").is_empty());
+    assert_eq!(
+        s.blobs_of(f.ino).expect("blobs").len(),
+        3,
+        "records stay until the upload"
+    );
+}

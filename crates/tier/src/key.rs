@@ -15,8 +15,7 @@ use std::str::FromStr;
 
 use crate::TierError;
 
-/// Size of one blob: the unit of upload, download, eviction and checksum.
-pub const BLOB_SIZE: u64 = 64 << 20;
+pub use cfs_meta::BLOB_SIZE;
 
 /// Inode numbers, as the metadata layer hands them out.
 pub type Ino = u64;
