@@ -482,9 +482,11 @@ mod tests {
             1
         );
 
-        // The last pass publishes at once, then deletes.
+        // The last pass publishes at once (seq 2), deletes, and publishes again (seq 3) so
+        // that the final HEAD lists no object that is gone.
         let report = up.finish(Instant::now() + Duration::from_secs(30)).await;
-        assert_eq!(report.checkpoint_seq, Some(2), "{report:?}");
+        assert_eq!(report.checkpoint_seq, Some(3), "{report:?}");
+        assert!(report.checkpoint_current, "{report:?}");
         assert_eq!((report.objects_deleted, report.files_left), (1, 0));
         assert!(matches!(
             s.get(&gen1).await,
@@ -495,11 +497,12 @@ mod tests {
             stats
                 .checkpoints_published
                 .load(std::sync::atomic::Ordering::Relaxed),
-            2
+            3
         );
 
         // The bucket alone gives back the metadata: blob 0 at generation 2.
         let head = read_head(&s, &fs).await.expect("head").expect("head");
+        assert_eq!(head.counts.deletes, 0, "{head:?}");
         let bytes = fetch_checkpoint(&s, &fs, &head, |_| {})
             .await
             .expect("fetch");

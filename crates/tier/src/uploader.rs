@@ -304,12 +304,21 @@ impl Uploader {
         }
         let seq_before = self.stats.checkpoint_seq.load(Ordering::Relaxed);
         let deleted_before = self.stats.objects_deleted.load(Ordering::Relaxed);
-        match tokio::time::timeout_at(deadline.into(), self.checkpoint_and_delete(true)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => report.checkpoint_error = Some(e.to_string()),
-            Err(_) => {
-                report.timed_out = true;
-                report.checkpoint_error = Some("out of time".into());
+        // Twice at most: recording the deletes the first checkpoint allowed changes metadata,
+        // and the final HEAD should not list objects that are gone.
+        for _ in 0..2 {
+            match tokio::time::timeout_at(deadline.into(), self.checkpoint_and_delete(true)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => report.checkpoint_error = Some(e.to_string()),
+                Err(_) => {
+                    report.timed_out = true;
+                    report.checkpoint_error = Some("out of time".into());
+                }
+            }
+            if report.checkpoint_error.is_some()
+                || self.checkpoints.lock().await.covered == Some(self.meta.change_count())
+            {
+                break;
             }
         }
         let seq = self.stats.checkpoint_seq.load(Ordering::Relaxed);
