@@ -187,7 +187,10 @@ impl FlashDir {
     }
 }
 
-fn restore_times(file: &File, md: &fs::Metadata) -> io::Result<()> {
+/// Puts back the atime and mtime `md` recorded (taken before a punch or a fill): moving a
+/// blob between flash and the object store is not a change of the file's data, and users see
+/// those times. Public for the tier's hydrator, which writes blobs through its own I/O backend.
+pub fn restore_times(file: &File, md: &fs::Metadata) -> io::Result<()> {
     let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
     let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
     nix::sys::stat::futimens(file, &atime, &mtime)?;

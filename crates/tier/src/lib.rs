@@ -13,6 +13,7 @@
 //!
 //! The upload/download queues that decide *when* blobs move live in the layer above.
 
+pub mod blob_io;
 mod blob_store;
 pub mod checkpoint;
 mod error;
@@ -28,6 +29,7 @@ pub mod uploader;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
+pub use blob_io::{BlobIo, BlobIoChoice};
 pub use blob_store::BlobStore;
 pub use error::{BoxError, Fingerprint, Result, TierError};
 pub use faulty::{FaultStats, Faults, FaultyStore};

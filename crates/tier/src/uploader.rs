@@ -21,13 +21,13 @@
 
 use crate::checkpoint::Publisher;
 use crate::key::{BLOB_SIZE, BlobKey, FsId, blob_count, blob_range};
-use crate::{BlobStore, Result, TierError};
+use crate::{BlobIo, BlobStore, Result, TierError};
 use bytes::Bytes;
 use cfs_flash::FlashDir;
 use cfs_meta::{BlobRecord, Ino, MetaStore, Op};
 use futures::StreamExt;
 use std::collections::HashSet;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -93,6 +93,8 @@ pub struct Uploader {
     stats: Arc<UploadStats>,
     policy: FlushPolicy,
     on_clean: Option<CleanHook>,
+    /// How blobs are read off flash (io_uring or pread; see `blob_io`).
+    blob_io: BlobIo,
     /// When this mount first saw each queued file, for the flush age and `cfs status`.
     first_seen: parking_lot::Mutex<std::collections::HashMap<Ino, (Instant, u64)>>,
     /// Checkpoint publishing and the deletes it makes safe; see [`Uploader::with_checkpoints`].
@@ -178,6 +180,7 @@ impl Uploader {
             stats: Arc::new(UploadStats::default()),
             policy: FlushPolicy::default(),
             on_clean: None,
+            blob_io: BlobIo::auto(),
             first_seen: Default::default(),
             checkpoints: tokio::sync::Mutex::new(Checkpoints {
                 publisher: None,
@@ -208,6 +211,12 @@ impl Uploader {
 
     pub fn with_policy(mut self, policy: FlushPolicy) -> Uploader {
         self.policy = policy;
+        self
+    }
+
+    /// Reads blobs with `io` instead of the process default ([`BlobIo::auto`]).
+    pub fn with_blob_io(mut self, io: BlobIo) -> Uploader {
+        self.blob_io = io;
         self
     }
 
@@ -387,7 +396,7 @@ impl Uploader {
                 continue;
             }
             let range = blob_range(k, size);
-            let data = read_blob(Arc::clone(&file), range.clone()).await?;
+            let data = read_blob(&self.blob_io, Arc::clone(&file), range.clone()).await?;
             let crc = crc32c::crc32c(&data);
             let current = recorded.iter().find(|b| b.k == k);
             if current.is_some_and(|b| b.len == data.len() as u64 && b.crc32c == crc) {
@@ -569,30 +578,17 @@ fn unix_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// Reads one blob's bytes off flash on a blocking thread.
-async fn read_blob(file: Arc<std::fs::File>, range: std::ops::Range<u64>) -> Result<Bytes> {
+/// Reads one blob's bytes off flash. If the file shrank while we read, this uploads what is
+/// there; the size check after the pass keeps the file queued.
+async fn read_blob(
+    io: &BlobIo,
+    file: Arc<std::fs::File>,
+    range: std::ops::Range<u64>,
+) -> Result<Bytes> {
     debug_assert!(range.end - range.start <= BLOB_SIZE);
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = file.read_at(&mut buf[filled..], range.start + filled as u64)?;
-            if n == 0 {
-                // The file shrank while we read: upload what is there; the size check after
-                // the pass keeps the file queued.
-                buf.truncate(filled);
-                break;
-            }
-            filled += n;
-        }
-        Ok::<_, std::io::Error>(Bytes::from(buf))
-    })
-    .await
-    .map_err(|e| TierError::Other {
-        context: "blob read task".into(),
-        source: Box::new(e),
-    })?
-    .map_err(io_err)
+    io.read_at(file, range.start, (range.end - range.start) as usize)
+        .await
+        .map_err(io_err)
 }
 
 fn meta_err(e: cfs_meta::MetaError) -> TierError {
