@@ -555,7 +555,7 @@ fn random_operations_across_evictions_match_a_model() {
     let seed: u64 = std::env::var("CFS_EVICT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_cf5);
+        .unwrap_or(0x05ee_dcf5);
     eprintln!(
         "random operations across evictions: seed {seed} (replay with CFS_EVICT_SEED={seed})"
     );

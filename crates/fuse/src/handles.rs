@@ -32,13 +32,35 @@ pub struct Handles {
     next: AtomicU64,
     open: DashMap<u64, Arc<Handle>>,
     backing: DashMap<u64, Weak<BackingId>>,
-    /// Per inode: how many opens (and truncations) are in progress, and when it was last
-    /// used. Eviction takes the inode's entry, so it never races an open.
-    users: DashMap<u64, (u32, Instant)>,
+    /// Per inode: who uses it. Eviction takes the inode's entry, so it never races an open.
+    users: DashMap<u64, Users>,
+}
+
+/// The users of one inode.
+#[derive(Clone, Copy)]
+struct Users {
+    /// Opens (and truncations) in progress or not yet released.
+    count: u32,
+    /// Of those, handles served by the daemon (the kernel's cached io mode).
+    cached: u32,
+    last: Instant,
+}
+
+impl Default for Users {
+    fn default() -> Self {
+        Users {
+            count: 0,
+            cached: 0,
+            last: Instant::now(),
+        }
+    }
 }
 
 impl Handles {
     pub fn insert(&self, handle: Handle) -> u64 {
+        if handle.backing.is_none() {
+            self.users.entry(handle.ino).or_default().cached += 1;
+        }
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.open.insert(fh, Arc::new(handle));
         fh
@@ -51,7 +73,6 @@ impl Handles {
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         let handle = self.open.remove(&fh).map(|(_, h)| h);
         if let Some(h) = &handle {
-            self.done_with(h.ino);
             // Drop the map's weak entry once no handle keeps the id alive.
             self.backing.remove_if(&h.ino, |_, w| {
                 w.strong_count() <= usize::from(h.backing.is_some())
@@ -63,22 +84,35 @@ impl Handles {
     /// Counts a user of `ino` (an open about to happen, or a truncation); pair with
     /// [`Handles::done_with`].
     pub fn using(&self, ino: u64) {
-        let mut e = self.users.entry(ino).or_insert((0, Instant::now()));
-        e.0 += 1;
-        e.1 = Instant::now();
+        let mut e = self.users.entry(ino).or_default();
+        e.count += 1;
+        e.last = Instant::now();
     }
 
-    pub fn done_with(&self, ino: u64) {
+    /// Ends a use of `ino`. For a released handle this must come after the RELEASE reply:
+    /// only then has the kernel left the handle's io mode (see [`Handles::cached_users`]).
+    pub fn done_with(&self, ino: u64, cached: bool) {
         if let Some(mut e) = self.users.get_mut(&ino) {
-            e.0 = e.0.saturating_sub(1);
-            e.1 = Instant::now();
+            e.count = e.count.saturating_sub(1);
+            if cached {
+                e.cached = e.cached.saturating_sub(1);
+            }
+            e.last = Instant::now();
         }
+    }
+
+    /// Handles of `ino` served by the daemon that the kernel may still hold. The kernel
+    /// refuses (EIO) a passthrough open of an inode it has open in cached mode, and leaves
+    /// that mode only when the RELEASE reply arrives, which another worker thread may not
+    /// have sent yet: while this is non-zero, new opens of `ino` go through the daemon too.
+    pub fn cached_users(&self, ino: u64) -> u32 {
+        self.users.get(&ino).map_or(0, |e| e.cached)
     }
 
     /// Runs `f` if nothing uses `ino`, holding new users off meanwhile.
     pub fn while_unused(&self, ino: u64, f: &mut dyn FnMut()) -> bool {
         match self.users.entry(ino) {
-            dashmap::Entry::Occupied(e) if e.get().0 > 0 => false,
+            dashmap::Entry::Occupied(e) if e.get().count > 0 => false,
             entry => {
                 f();
                 drop(entry);
@@ -88,12 +122,12 @@ impl Handles {
     }
 
     pub fn last_used(&self, ino: u64) -> Option<Instant> {
-        self.users.get(&ino).map(|e| e.1)
+        self.users.get(&ino).map(|e| e.last)
     }
 
     /// Forgets an inode that no longer exists.
     pub fn forget(&self, ino: u64) {
-        self.users.remove_if(&ino, |_, e| e.0 == 0);
+        self.users.remove_if(&ino, |_, e| e.count == 0);
     }
 
     pub fn count(&self) -> usize {

@@ -144,7 +144,7 @@ impl ClaudeFs {
         self.live.handles.using(ino);
         let r = self.open_counted(ino, flags, file, register);
         if r.is_err() {
-            self.live.handles.done_with(ino);
+            self.live.handles.done_with(ino, false);
         }
         r
     }
@@ -163,8 +163,11 @@ impl ClaudeFs {
         // A file with blobs off flash is served by the daemon, which fetches them on first
         // access; its next open after they are all back gets passthrough again.
         let cold = self.is_cold(ino)?;
+        // One io mode per inode in the kernel: while a daemon-served handle may still be
+        // open there, this one is served by the daemon as well.
+        let cached_live = self.live.handles.cached_users(ino) > 0;
         let mut backing = None;
-        if !cold && self.live.passthrough.load(Ordering::Relaxed) {
+        if !cold && !cached_live && self.live.passthrough.load(Ordering::Relaxed) {
             match self.live.handles.backing_id(ino, || register(&file)) {
                 Ok(id) => backing = Some(id),
                 Err(e) => {
@@ -180,6 +183,7 @@ impl ClaudeFs {
             self.live.daemon_opens.fetch_add(1, Ordering::Relaxed);
         }
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        tracing::trace!(ino, cold, passthrough = backing.is_some(), writable, "open");
         let fh = self.live.handles.insert(crate::handles::Handle {
             ino,
             file,
@@ -232,7 +236,7 @@ impl ClaudeFs {
             // A truncation is a user of the file like an open: no eviction meanwhile.
             self.live.handles.using(ino.0);
             let r = self.setattr_counted(ino, mode, uid, gid, size, atime, mtime, fh);
-            self.live.handles.done_with(ino.0);
+            self.live.handles.done_with(ino.0, false);
             return r;
         }
         self.setattr_counted(ino, mode, uid, gid, size, atime, mtime, fh)
@@ -723,11 +727,16 @@ impl Filesystem for ClaudeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let r = match self.live.handles.remove(fh.0) {
+        let handle = self.live.handles.remove(fh.0);
+        let r = match &handle {
             Some(h) if h.writable => self.sync_data_attr(ino.0, h.written.load(Ordering::Relaxed)),
             _ => Ok(()),
         };
         Self::empty(reply, "release", r);
+        // After the reply: the kernel has left this handle's io mode only now.
+        if let Some(h) = handle {
+            self.live.handles.done_with(h.ino, h.backing.is_none());
+        }
     }
 
     fn fsync(
