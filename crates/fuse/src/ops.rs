@@ -42,6 +42,10 @@ fn fail(op: &str, e: FsError) -> Errno {
     e.errno()
 }
 
+/// Blobs fetched ahead of a sequential reader of a cold file: as many as the uploader's
+/// default concurrency, which is what an object store is known to sustain.
+const PREFETCH_BLOBS: u64 = 4;
+
 /// What `mknod`, `mkdir`, `symlink` and `create` ask for.
 struct NewNode<'a> {
     kind: FileKind,
@@ -198,17 +202,20 @@ impl ClaudeFs {
     }
 
     /// Before a read on a handle opened cold: fetches the blobs the read touches and, for a
-    /// sequential reader, starts fetching the next blob.
+    /// sequential reader, starts fetching the next [`PREFETCH_BLOBS`] blobs, so that GETs
+    /// overlap each other and the reader.
     fn cold_read(&self, h: &crate::handles::Handle, offset: u64, size: u32) -> FsResult<()> {
         let end = offset + u64::from(size);
         self.ensure_present(h.ino, offset..end)?;
         let sequential = h.next_read.swap(end, Ordering::Relaxed) == offset;
-        let next = end.div_ceil(crate::BLOB_SIZE).max(1);
+        let next = end.div_ceil(crate::BLOB_SIZE);
         if sequential
             && h.prefetched.swap(next + 1, Ordering::Relaxed) != next + 1
             && let Some(tier) = &self.opts.tier
         {
-            tier.prefetch(h.ino, next);
+            for k in next..next + PREFETCH_BLOBS {
+                tier.prefetch(h.ino, k);
+            }
         }
         Ok(())
     }
