@@ -9,7 +9,8 @@
 //! kernel's io-wq workers, `tw`: completed in task_work on the ring thread); without one,
 //! the default options are measured. Every round runs every backend, starting each round
 //! with the next one (portable, io_uring, then io_uring, portable, ...), so that drift in
-//! the machine's load lands on all; the medians and their ratio to portable are printed.
+//! the machine's load lands on all; the median MB/s of each, the median of the per-round
+//! ratios to portable, and the median CPU seconds per GB (whole process) are printed.
 //! Before each read pass the blobs are dropped from the page cache with
 //! posix_fadvise(DONTNEED), which needs no root and leaves everyone else's cache alone;
 //! `--drop-caches` also writes /proc/sys/vm/drop_caches (root).
@@ -129,7 +130,8 @@ fn run(args: &Args) -> std::io::Result<()> {
 
     let total_mb = (args.blobs as u64 * BLOB_SIZE) as f64 / 1e6;
     println!(
-        "\n{} x 64 MiB blobs in {}, concurrency {}, {} rounds; median MB/s (ratio to portable)",
+        "\n{} x 64 MiB blobs in {}, concurrency {}, {} rounds; median MB/s, and the median over \
+         rounds of each round's ratio to portable (paired, so drift in load cancels)",
         args.blobs,
         args.dir.display(),
         args.concurrency,
@@ -140,6 +142,7 @@ fn run(args: &Args) -> std::io::Result<()> {
         "backend", "cold read", "CPU s/GB", "write + fdatasync", "CPU s/GB"
     );
     let med = |w: usize, b: usize| median(rounds.iter().map(|r| total_mb / r[b][w].0).collect());
+    let ratio = |w: usize, b: usize| median(rounds.iter().map(|r| r[0][w].0 / r[b][w].0).collect());
     let cpu = |w: usize, b: usize| {
         median(
             rounds
@@ -149,7 +152,7 @@ fn run(args: &Args) -> std::io::Result<()> {
         )
     };
     for (b, (name, _)) in backends.iter().enumerate() {
-        let cell = |w: usize| format!("{:.0} ({:.2})", med(w, b), med(w, b) / med(w, 0));
+        let cell = |w: usize| format!("{:.0} ({:.2})", med(w, b), ratio(w, b));
         println!(
             "{name:<24} {:>16} {:>8.2} {:>18} {:>8.2}",
             cell(0),
