@@ -203,6 +203,8 @@ pub fn start(
         store.clone(),
         runtime.handle().clone(),
     )?;
+    // Blobs written back to flash are synced before the metadata that records them is durable.
+    meta.set_data_barrier(Arc::clone(&hydrator) as Arc<dyn cfs_meta::DataBarrier>);
     let nominate = Arc::clone(&evictor);
     let uploader = Uploader::new(
         Arc::clone(meta),

@@ -21,7 +21,7 @@ pub use checkpoint::{CHECKPOINT_VERSION, Checkpoint, CheckpointCounts, ImportOpt
 pub use error::{MetaError, Result};
 pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
 pub use repair::Repair;
-pub use store::{EvictCandidate, FORMAT_VERSION, MetaCounts, MetaStore, TierCounts};
+pub use store::{DataBarrier, EvictCandidate, FORMAT_VERSION, MetaCounts, MetaStore, TierCounts};
 pub use tables::TIER_XATTR;
 pub use types::*;
 

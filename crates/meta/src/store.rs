@@ -26,6 +26,18 @@ pub struct MetaStore {
     durable: AtomicU64,
     /// Serialises durable commits, so that concurrent `sync` calls share one.
     sync_lock: Mutex<()>,
+    /// Data outside the store that commits describe, made durable before each durable
+    /// commit (see [`MetaStore::set_data_barrier`]).
+    barrier: parking_lot::RwLock<Option<std::sync::Arc<dyn DataBarrier>>>,
+    /// Held shared while such data is written and described, exclusively by `sync`.
+    gate: parking_lot::RwLock<()>,
+}
+
+/// Data that metadata describes but that lives outside the store (blobs written back to
+/// flash), which must be durable before the metadata saying so is.
+pub trait DataBarrier: Send + Sync {
+    /// Makes durable every such write made so far.
+    fn sync_data(&self) -> std::io::Result<()>;
 }
 
 /// The object tier's bookkeeping, for `cfs status`.
@@ -158,6 +170,8 @@ impl MetaStore {
                 committed: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
                 sync_lock: Mutex::new(()),
+                barrier: Default::default(),
+                gate: Default::default(),
             },
             created,
         ))
@@ -208,6 +222,21 @@ impl MetaStore {
         if self.durable.load(Ordering::Acquire) >= target {
             return Ok(());
         }
+        // Sync the data first without holding writers of it off (the bulk of it), then again
+        // under the gate for what was written meanwhile: no data write may be described
+        // between the last data sync and the commit.
+        let barrier = self.barrier.read().clone();
+        let sync_data = |b: &std::sync::Arc<dyn DataBarrier>| {
+            b.sync_data()
+                .map_err(|e| MetaError::Store(format!("syncing data before a commit: {e}")))
+        };
+        if let Some(b) = &barrier {
+            sync_data(b)?;
+        }
+        let _gate = self.gate.write();
+        if let Some(b) = &barrier {
+            sync_data(b)?;
+        }
         let covered = self.committed.load(Ordering::Acquire);
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
@@ -217,6 +246,18 @@ impl MetaStore {
     }
 
     /// True if some commit is not yet durable.
+    /// Registers the data that durable commits must wait for (see [`DataBarrier`]).
+    pub fn set_data_barrier(&self, barrier: std::sync::Arc<dyn DataBarrier>) {
+        *self.barrier.write() = Some(barrier);
+    }
+
+    /// Hold this while writing data outside the store and committing the operation that
+    /// describes it; a durable commit then either includes both the data sync and the
+    /// operation, or neither.
+    pub fn data_guard(&self) -> parking_lot::RwLockReadGuard<'_, ()> {
+        self.gate.read()
+    }
+
     pub fn has_unsynced(&self) -> bool {
         self.durable.load(Ordering::Acquire) < self.committed.load(Ordering::Acquire)
     }

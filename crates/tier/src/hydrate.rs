@@ -10,7 +10,7 @@
 //! application), the log says which key, and the `corrupt` counter goes up.
 
 use crate::key::{BLOB_SIZE, BlobKey, FsId};
-use crate::{BlobIo, BlobStore, Result, TierError};
+use crate::{BlobStore, Result, TierError};
 use cfs_flash::FlashDir;
 use cfs_meta::{Ino, MetaStore, Op};
 use std::collections::HashMap;
@@ -29,6 +29,9 @@ pub struct HydrateStats {
     pub errors: AtomicU64,
 }
 
+/// Backing files written by hydration since the last durable metadata commit.
+type Unsynced = parking_lot::Mutex<std::collections::HashSet<Ino>>;
+
 /// Per blob being fetched, the lock its concurrent readers wait on.
 type InFlight = parking_lot::Mutex<HashMap<(Ino, u64), Arc<tokio::sync::Mutex<()>>>>;
 
@@ -38,10 +41,9 @@ pub struct Hydrator {
     store: BlobStore,
     fs: FsId,
     runtime: tokio::runtime::Handle,
-    /// How the blob is written to flash (io_uring or pwrite; see `blob_io`).
-    blob_io: BlobIo,
     /// One lock per blob being fetched, so that concurrent readers of one blob share a GET.
     inflight: InFlight,
+    unsynced: Arc<Unsynced>,
     stats: Arc<HydrateStats>,
 }
 
@@ -52,17 +54,6 @@ impl Hydrator {
         store: BlobStore,
         runtime: tokio::runtime::Handle,
     ) -> Result<Arc<Hydrator>> {
-        Hydrator::with_blob_io(meta, flash, store, runtime, BlobIo::auto())
-    }
-
-    /// [`Hydrator::new`] with the blob write backend given rather than the process default.
-    pub fn with_blob_io(
-        meta: Arc<MetaStore>,
-        flash: FlashDir,
-        store: BlobStore,
-        runtime: tokio::runtime::Handle,
-        blob_io: BlobIo,
-    ) -> Result<Arc<Hydrator>> {
         let fs = FsId::new(meta.fs_id())?;
         Ok(Arc::new(Hydrator {
             meta,
@@ -70,8 +61,8 @@ impl Hydrator {
             store,
             fs,
             runtime,
-            blob_io,
             inflight: Default::default(),
+            unsynced: Arc::default(),
             stats: Arc::default(),
         }))
     }
@@ -166,15 +157,14 @@ impl Hydrator {
             Err(e) => return Err(e),
         };
         let offset = k * BLOB_SIZE;
-        // On a task of its own, so that the write runs to the end (times restored) even if
-        // whoever awaits this stops waiting.
-        let write = tokio::spawn(write_blob(
-            self.blob_io.clone(),
-            self.flash.clone(),
-            ino,
-            offset,
-            data,
-        ));
+        // On a task of its own, so that the write runs to the end (times restored, the
+        // blob recorded) even if whoever awaits this stops waiting.
+        let meta = Arc::clone(&self.meta);
+        let flash = self.flash.clone();
+        let unsynced = Arc::clone(&self.unsynced);
+        let write = tokio::task::spawn_blocking(move || {
+            write_blob(&meta, &flash, &unsynced, ino, k, generation, offset, &data)
+        });
         let written = write
             .await
             .map_err(|e| std::io::Error::other(format!("hydration task: {e}")))
@@ -183,9 +173,6 @@ impl Hydrator {
                 context: format!("writing blob {k} of inode {ino} to flash"),
                 source: Box::new(e),
             })?;
-        self.meta
-            .execute(&Op::Hydrated { ino, k, generation })
-            .map_err(meta_err)?;
         self.stats.blobs_hydrated.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_hydrated
@@ -195,39 +182,36 @@ impl Hydrator {
     }
 }
 
-/// Writes a fetched blob at `offset` of the backing file and makes it durable, keeping the
-/// file's atime and mtime (as `FlashDir::fill` does). Returns the bytes written.
-async fn write_blob(
-    blob_io: BlobIo,
-    flash: FlashDir,
+/// Writes a fetched blob at `offset` of the backing file, keeping the file's atime and mtime,
+/// and records it present. The write is not synced here: the file joins `unsynced`, and
+/// the data barrier syncs it before any durable metadata commit, which is the only order
+/// that matters (a blob recorded present must read back as data after a crash). Fetching
+/// many blobs then costs one fdatasync per file per commit, not one per blob.
+#[allow(clippy::too_many_arguments)]
+fn write_blob(
+    meta: &MetaStore,
+    flash: &FlashDir,
+    unsynced: &Unsynced,
     ino: Ino,
+    k: u64,
+    generation: u64,
     offset: u64,
-    data: bytes::Bytes,
+    data: &[u8],
 ) -> std::io::Result<u64> {
-    let (file, before) = blocking(move || {
-        let file = flash.open_rw(ino)?;
-        let before = file.metadata()?;
-        Ok((Arc::new(file), before))
-    })
-    .await?;
+    use std::os::unix::fs::FileExt;
+    let _described_with_data = meta.data_guard();
+    let file = flash.open_rw(ino)?;
+    let before = file.metadata()?;
     // Never grow the file: a truncation may have cut this blob after it was evicted.
     let n = (data.len() as u64).min(before.len().saturating_sub(offset));
-    if n == 0 {
-        return Ok(0);
+    if n > 0 {
+        file.write_all_at(&data[..n as usize], offset)?;
+        cfs_flash::restore_times(&file, &before)?;
+        unsynced.lock().insert(ino);
     }
-    blob_io
-        .write_at_sync(Arc::clone(&file), offset, data.slice(..n as usize))
-        .await?;
-    blocking(move || cfs_flash::restore_times(&file, &before)).await?;
+    meta.execute(&Op::Hydrated { ino, k, generation })
+        .map_err(std::io::Error::other)?;
     Ok(n)
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| std::io::Error::other(format!("hydration task: {e}")))?
 }
 
 fn meta_err(e: cfs_meta::MetaError) -> TierError {
@@ -237,16 +221,38 @@ fn meta_err(e: cfs_meta::MetaError) -> TierError {
     }
 }
 
+impl cfs_meta::DataBarrier for Hydrator {
+    fn sync_data(&self) -> std::io::Result<()> {
+        let files: Vec<Ino> = self.unsynced.lock().drain().collect();
+        for (i, &ino) in files.iter().enumerate() {
+            let r = match self.flash.open_rw(ino) {
+                Ok(f) => f.sync_data(),
+                // Deleted meanwhile: nothing of it needs to survive.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                // Still owed: the next durable commit tries again.
+                self.unsynced.lock().extend(&files[i..]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BlobIo;
     use crate::blob_io::{Uring, UringOptions};
     use crate::uploader::Uploader;
     use cfs_meta::{Caller, FileKind, Timestamp};
     use std::os::unix::fs::{FileExt, MetadataExt};
 
-    /// With either backend, a blob uploaded, evicted and hydrated comes back byte for byte
-    /// at its offset, durable, with the file's size and times as they were.
+    /// Uploaded with either blob I/O backend, evicted and hydrated, a blob comes back byte for
+    /// byte at its offset with the file's size and times as they were, and the data barrier
+    /// syncs it before the next durable commit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upload_evict_hydrate_round_trip_with_both_backends() {
         let uring = Uring::new(UringOptions::default()).expect("io_uring ring");
@@ -297,17 +303,23 @@ mod tests {
             let old = nix::sys::time::TimeSpec::new(1_000_000, 5);
             nix::sys::stat::futimens(&file, &old, &old).expect("utimes");
 
-            let h = Hydrator::with_blob_io(
+            let h = Hydrator::new(
                 Arc::clone(&meta),
                 flash.clone(),
                 store,
                 tokio::runtime::Handle::current(),
-                io.clone(),
             )
             .expect("hydrator");
+            meta.set_data_barrier(Arc::clone(&h) as Arc<dyn cfs_meta::DataBarrier>);
             for k in [1, 0] {
                 Arc::clone(&h).hydrate(ino, k).await.expect("hydrate");
             }
+            assert!(h.unsynced.lock().contains(&ino), "written, not yet synced");
+            meta.sync().expect("durable commit");
+            assert!(
+                h.unsynced.lock().is_empty(),
+                "the commit synced the data first"
+            );
             assert!(meta.evicted_of(ino).expect("evicted").is_empty());
             // Times first: our own read below may move the atime (relatime).
             let md = file.metadata().expect("md");
