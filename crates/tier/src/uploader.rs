@@ -89,6 +89,8 @@ pub struct Uploader {
     store: BlobStore,
     fs: FsId,
     concurrency: usize,
+    /// Blob uploads in flight over all files, each holding one blob in memory.
+    blob_slots: Arc<tokio::sync::Semaphore>,
     kick: UploadKick,
     stats: Arc<UploadStats>,
     policy: FlushPolicy,
@@ -176,6 +178,7 @@ impl Uploader {
             store,
             fs,
             concurrency: concurrency.max(1),
+            blob_slots: Arc::new(tokio::sync::Semaphore::new(concurrency.max(1))),
             kick: UploadKick::default(),
             stats: Arc::new(UploadStats::default()),
             policy: FlushPolicy::default(),
@@ -390,31 +393,55 @@ impl Uploader {
         // Evicted blobs are not on flash, and did not change: a write to one hydrates it
         // first, which takes it off this list.
         let evicted = self.meta.evicted_of(ino).map_err(meta_err)?;
+        // The blobs of one file go up concurrently too (a single large file is the common
+        // case), but never more at once, over all files, than `concurrency`: each holds
+        // 64 MiB in memory.
+        let results: Vec<Result<Option<BlobRecord>>> = futures::stream::iter(
+            (0..blob_count(size)).filter(|k| !evicted.iter().any(|&(e, _)| e == *k)),
+        )
+        .map(|k| {
+            let file = Arc::clone(&file);
+            let recorded = &recorded;
+            async move {
+                let _slot = self
+                    .blob_slots
+                    .acquire()
+                    .await
+                    .map_err(|e| TierError::Other {
+                        context: "upload slots".into(),
+                        source: Box::new(e),
+                    })?;
+                let range = blob_range(k, size);
+                let data = read_blob(&self.blob_io, file, range).await?;
+                let crc = crc32c::crc32c(&data);
+                let current = recorded.iter().find(|b| b.k == k);
+                if current.is_some_and(|b| b.len == data.len() as u64 && b.crc32c == crc) {
+                    return Ok(None);
+                }
+                let generation = current.map_or(1, |b| b.generation + 1);
+                let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
+                let len = data.len() as u64;
+                self.store.put(&key, data).await?;
+                self.stats.blobs_uploaded.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+                Ok(Some(BlobRecord {
+                    k,
+                    generation,
+                    len,
+                    crc32c: crc,
+                }))
+            }
+        })
+        .buffer_unordered(self.concurrency)
+        .collect()
+        .await;
         let mut uploaded = Vec::new();
-        for k in 0..blob_count(size) {
-            if evicted.iter().any(|&(e, _)| e == k) {
-                continue;
+        for r in results {
+            if let Some(record) = r? {
+                uploaded.push(record);
             }
-            let range = blob_range(k, size);
-            let data = read_blob(&self.blob_io, Arc::clone(&file), range.clone()).await?;
-            let crc = crc32c::crc32c(&data);
-            let current = recorded.iter().find(|b| b.k == k);
-            if current.is_some_and(|b| b.len == data.len() as u64 && b.crc32c == crc) {
-                continue;
-            }
-            let generation = current.map_or(1, |b| b.generation + 1);
-            let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
-            let len = data.len() as u64;
-            self.store.put(&key, data).await?;
-            self.stats.blobs_uploaded.fetch_add(1, Ordering::Relaxed);
-            self.stats.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
-            uploaded.push(BlobRecord {
-                k,
-                generation,
-                len,
-                crc32c: crc,
-            });
         }
+        uploaded.sort_by_key(|b| b.k);
         let after = data_version(&file.metadata().map_err(io_err)?);
         let clean = before == after;
         self.meta
