@@ -189,10 +189,13 @@ fn evicted_file_reads_writes_and_truncates_like_any_other() {
         (after.len(), after.mtime(), after.mtime_nsec()),
         (before.len(), before.mtime(), before.mtime_nsec())
     );
-    assert_eq!(
-        (after.ctime(), after.ctime_nsec()),
-        (before_ctime.ctime(), before_ctime.ctime_nsec())
+    // The kernel may show its own ctime for the setxattr (taken after the daemon's), so the
+    // check is that eviction did not move ctime forward.
+    assert!(
+        (after.ctime(), after.ctime_nsec()) <= (before_ctime.ctime(), before_ctime.ctime_nsec()),
+        "eviction moved ctime"
     );
+    assert!((after.ctime(), after.ctime_nsec()) >= (before.mtime(), before.mtime_nsec()));
 
     // A 4 KiB read in the middle fetches one blob, not the file.
     drop_caches();
