@@ -13,16 +13,6 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 
-fn status(m: &Mount) -> serde_json::Value {
-    let out = cfs(&["status", m.mountpoint.to_str().expect("utf8"), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
 /// Polls the mount's status until `done` holds, or panics with the last status after `secs`.
 fn wait_status(m: &Mount, secs: u64, what: &str, done: impl Fn(&serde_json::Value) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -40,33 +30,9 @@ fn wait_status(m: &Mount, secs: u64, what: &str, done: impl Fn(&serde_json::Valu
     }
 }
 
-fn u(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
-
-/// Pseudo-random bytes (xorshift), so that no layer can compress or deduplicate them.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn sha256(data: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(data))
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f = std::fs::File::create(path).expect("create");
-    f.write_all(data).expect("write");
-    f.sync_all().expect("fsync");
 }
 
 fn drop_caches() {
@@ -382,32 +348,35 @@ impl Drop for S3sFs {
     }
 }
 
-#[test]
-fn s3_outage_under_write_load_loses_nothing() {
-    let root = scratch("evict-outage");
-    let mut server = S3sFs::new(root.path().join("s3"), "bucket");
-    let endpoint = server.endpoint();
-    let mountpoint = root.path().join("mnt");
+/// Mounts a filesystem in `root` whose object store is `server`'s bucket.
+fn mount_on(server: &S3sFs, root: &Path, extra: &[&str]) -> Mount {
+    let mountpoint = root.join("mnt");
     std::fs::create_dir_all(&mountpoint).expect("mnt");
     // The daemon reads its credentials from the environment it is started with.
-    // SAFETY: set before any thread of this test starts a child; every test of this binary
-    // that reads them wants these same values.
+    // SAFETY: set before this test starts its daemon; every test of this binary that reads
+    // them wants these same values.
     unsafe {
         std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
         std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
     }
-    let mut m = Mount::start_at(
-        &mountpoint,
-        &root.path().join("data"),
-        &[
-            "--object-store",
-            "s3://bucket/cfs",
-            "--s3-endpoint",
-            &endpoint,
-            "--s3-region",
-            "us-east-1",
-        ],
-    );
+    let endpoint = server.endpoint();
+    let mut args = vec![
+        "--object-store",
+        "s3://bucket/cfs",
+        "--s3-endpoint",
+        endpoint.as_str(),
+        "--s3-region",
+        "us-east-1",
+    ];
+    args.extend_from_slice(extra);
+    Mount::start_at(&mountpoint, &root.join("data"), &args)
+}
+
+#[test]
+fn s3_outage_under_write_load_loses_nothing() {
+    let root = scratch("evict-outage");
+    let mut server = S3sFs::new(root.path().join("s3"), "bucket");
+    let mut m = mount_on(&server, root.path(), &[]);
     let mut files = Vec::new();
     let mut write = |i: u64| {
         let data = noise(1000 + i, 4 * MIB + i as usize * 517);
@@ -463,26 +432,7 @@ fn s3_outage_under_write_load_loses_nothing() {
 fn full_flash_with_the_store_down_gives_enospc_and_recovers() {
     let root = scratch("evict-enospc");
     let mut server = S3sFs::new(root.path().join("s3"), "bucket");
-    let endpoint = server.endpoint();
-    let mountpoint = root.path().join("mnt");
-    std::fs::create_dir_all(&mountpoint).expect("mnt");
-    // SAFETY: as in s3_outage_under_write_load_loses_nothing: same values for every test.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
-    }
-    let mut m = Mount::start_at(
-        &mountpoint,
-        &root.path().join("data"),
-        &[
-            "--object-store",
-            "s3://bucket/cfs",
-            "--s3-endpoint",
-            &endpoint,
-            "--flash-capacity",
-            "24M",
-        ],
-    );
+    let mut m = mount_on(&server, root.path(), &["--flash-capacity", "24M"]);
     let mut files = Vec::new();
     let first = noise(1, 8 * MIB);
     write_synced(&m.path("f0"), &first);

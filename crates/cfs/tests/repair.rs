@@ -9,7 +9,7 @@
 mod common;
 use common::*;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,20 +17,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BLOB: u64 = 64 << 20;
-
-fn status(m: &Mount) -> serde_json::Value {
-    let out = cfs(&["status", m.mountpoint.to_str().expect("utf8"), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
-fn u(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or(0)
-}
 
 /// Waits until `blobs` blobs are stored, nothing is queued, and a published checkpoint
 /// covers every metadata change.
@@ -54,26 +40,6 @@ fn wait_checkpointed(m: &Mount, blobs: u64) -> serde_json::Value {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// Pseudo-random bytes (xorshift): nothing can compress or deduplicate them.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f = std::fs::File::create(path).expect("create");
-    f.write_all(data).expect("write");
-    f.sync_all().expect("fsync");
 }
 
 /// Everything `ls -lR`, `sha256sum` and `readlink` can see of one entry. Atime and ctime

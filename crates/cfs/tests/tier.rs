@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 
 const BLOB: u64 = 64 << 20;
 
-fn status(m: &Mount) -> serde_json::Value {
-    let out = cfs(&["status", m.mountpoint.to_str().expect("utf8"), "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
-}
-
 /// Waits until nothing is waiting for upload or deletion.
 fn wait_flushed(m: &Mount) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -237,3 +237,41 @@ pub fn sha256_file(path: &Path) -> String {
     let data = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     format!("{:x}", sha2::Sha256::digest(&data))
 }
+
+/// `cfs status --json` of a running mount.
+pub fn status(m: &Mount) -> serde_json::Value {
+    let out = cfs(&["status", m.mountpoint.to_str().expect("utf8"), "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// A status counter, 0 if absent.
+pub fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Pseudo-random bytes (xorshift), so that no layer can compress or deduplicate them.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes `data` to a new file at `path` and fsyncs it.
+pub fn write_synced(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync");
+}
