@@ -106,18 +106,12 @@ impl Status {
             .sum();
         let cap = flash.capacity()?;
         let counts_t = meta.tier_counts()?;
-        let mut dirty_blobs = 0;
-        for ino in meta.dirty_files(usize::MAX)? {
-            if let Ok(inode) = meta.inode(ino) {
-                dirty_blobs += cfs_tier::blob_count(inode.size);
-            }
-        }
         let oldest = tier.map_or(0, |t| t.uploads.oldest_dirty_since.load(Relaxed));
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let blobs = BlobStates {
-            dirty: dirty_blobs,
+            dirty: counts_t.blobs_dirty,
             uploading_files: tier.map_or(0, |t| t.uploads.files_in_flight.load(Relaxed)),
             clean: counts_t.blobs_stored.saturating_sub(counts_t.blobs_evicted),
             evicted: counts_t.blobs_evicted,

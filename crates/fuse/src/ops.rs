@@ -239,18 +239,19 @@ impl ClaudeFs {
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
     ) -> FsResult<Inode> {
+        // A truncation is a user of the file like an open: no eviction meanwhile.
         if size.is_some() {
-            // A truncation is a user of the file like an open: no eviction meanwhile.
             self.live.handles.using(ino.0);
-            let r = self.setattr_counted(ino, mode, uid, gid, size, atime, mtime, fh);
-            self.live.handles.done_with(ino.0, false);
-            return r;
         }
-        self.setattr_counted(ino, mode, uid, gid, size, atime, mtime, fh)
+        let r = self.apply_setattr(ino, mode, uid, gid, size, atime, mtime, fh);
+        if size.is_some() {
+            self.live.handles.done_with(ino.0, false);
+        }
+        r
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn setattr_counted(
+    fn apply_setattr(
         &self,
         ino: INodeNo,
         mode: Option<u32>,

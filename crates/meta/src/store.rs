@@ -48,6 +48,9 @@ pub struct TierCounts {
     pub files_dirty: u64,
     /// Bytes of the files on the upload queue (an upper bound on the flush backlog).
     pub bytes_dirty: u64,
+    /// Blobs of the files on the upload queue (each such file counts all its blobs).
+    #[serde(default)]
+    pub blobs_dirty: u64,
     pub deletes_pending: u64,
     pub blobs_evicted: u64,
     pub bytes_evicted: u64,
@@ -489,7 +492,9 @@ impl MetaStore {
             let ino = r?.0.value();
             c.files_dirty += 1;
             if let Some(bytes) = inodes.get(ino)? {
-                c.bytes_dirty += decode_inode(ino, bytes.value())?.size;
+                let size = decode_inode(ino, bytes.value())?.size;
+                c.bytes_dirty += size;
+                c.blobs_dirty += size.div_ceil(crate::BLOB_SIZE);
             }
         }
         c.deletes_pending = read.open_table(DELETES)?.len()?;
