@@ -91,7 +91,8 @@ pub struct MountArgs {
     pub object_store: Option<String>,
 
     /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
-    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or else from the
+    /// AWS shared files (~/.aws/credentials and ~/.aws/config, profile AWS_PROFILE).
     #[arg(long, value_name = "URL")]
     pub s3_endpoint: Option<String>,
 
@@ -239,7 +240,8 @@ pub struct RepairArgs {
     pub fs_id: Option<String>,
 
     /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
-    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or else from the
+    /// AWS shared files (~/.aws/credentials and ~/.aws/config, profile AWS_PROFILE).
     #[arg(long, value_name = "URL")]
     pub s3_endpoint: Option<String>,
 

@@ -201,29 +201,34 @@ impl TierConfig {
         }
     }
 
-    /// Opens the object store this config names. `s3://` needs credentials in the
-    /// environment: without them the S3 client would go looking for instance credentials on
-    /// the network, a slow failure anywhere but EC2, so that is refused up front.
+    /// Opens the object store this config names. `s3://` needs credentials from the
+    /// environment or the AWS shared files: without any, the S3 client would go looking for
+    /// instance credentials on the network, a slow failure anywhere but EC2, so that is
+    /// refused up front.
     pub fn open_store(&self) -> Result<cfs_tier::BlobStore> {
         let url = self.url.as_str();
         let parsed: cfs_tier::StoreUrl = url
             .parse()
             .with_context(|| format!("bad object store URL {url:?}"))?;
-        if matches!(parsed, cfs_tier::StoreUrl::S3 { .. })
-            && (std::env::var_os("AWS_ACCESS_KEY_ID").is_none()
-                || std::env::var_os("AWS_SECRET_ACCESS_KEY").is_none())
-        {
-            bail!("s3:// needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment");
-        }
         let opts = cfs_tier::S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
-            allow_http: self
-                .s3_endpoint
-                .as_deref()
-                .map(|e| e.starts_with("http://")),
             ..cfs_tier::S3Options::default()
         };
+        if matches!(parsed, cfs_tier::StoreUrl::S3 { .. }) {
+            match opts
+                .credential_source()
+                .with_context(|| format!("cannot open object store {url}"))?
+            {
+                Some(source) => {
+                    tracing::info!(object_store = url, credentials = %source, "S3 credentials")
+                }
+                None => bail!(
+                    "s3:// needs credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in \
+                     the environment, or a profile in ~/.aws/credentials (AWS_PROFILE picks one)"
+                ),
+            }
+        }
         parsed
             .open(&opts)
             .with_context(|| format!("cannot open object store {url}"))

@@ -21,7 +21,7 @@ use crate::cli::RepairArgs;
 use crate::datadir::{DataDir, TierConfig};
 use anyhow::{Context, Result, bail};
 use cfs_flash::FlashDir;
-use cfs_meta::{FileKind, ImportOptions, Inode, MetaStore, Op};
+use cfs_meta::{FileKind, Inode, MetaStore, Op};
 use cfs_tier::checkpoint::{fetch_checkpoint, read_head, read_latest};
 use cfs_tier::{BLOB_SIZE, BlobKey, BlobStore, FsId, ObjectKey, TierError};
 use futures::TryStreamExt;
@@ -374,13 +374,21 @@ async fn import(
             }
         }
     };
-    if head.counts.dirty > 0 {
-        eprintln!(
-            "cfs: warning: {} file(s) had changes not yet uploaded when checkpoint #{} was \
-             taken; they come back as last uploaded",
-            head.counts.dirty, head.seq
-        );
-    }
+    // The operations logged after the checkpoint, read before anything is written.
+    let log = match head.log_next {
+        Some(next) => {
+            let ops = cfs_tier::oplog::fetch_log(store, fs, next, head.op_seq, |_| {})
+                .await
+                .map_err(|e| store_error(e, &cfg.url, "reading the operation log"))?;
+            eprintln!(
+                "cfs: {} operation(s) logged after checkpoint #{} to replay",
+                ops.len(),
+                head.seq
+            );
+            ops
+        }
+        None => Vec::new(),
+    };
     // Import beside meta.redb and rename: meta.redb exists only complete, which is how a
     // resumed repair knows the import is done.
     let tmp = dir.root.join("meta.redb.importing");
@@ -389,9 +397,8 @@ async fn import(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", tmp.display())),
     }
-    let (imported, _) =
-        MetaStore::import_checkpoint(&tmp, &bytes, ImportOptions { all_evicted: true })
-            .with_context(|| format!("cannot import checkpoint #{}", head.seq))?;
+    let (imported, _) = MetaStore::import_checkpoint(&tmp, &bytes)
+        .with_context(|| format!("cannot import checkpoint #{}", head.seq))?;
     if imported.fs_id() != fs.as_str() {
         bail!(
             "checkpoint #{} holds filesystem {}, not {fs}",
@@ -399,6 +406,19 @@ async fn import(
             imported.fs_id()
         );
     }
+    replay(&imported, &log);
+    let dropped = imported
+        .prepare_repaired()
+        .context("cannot prepare the imported metadata")?;
+    if dropped > 0 {
+        eprintln!(
+            "cfs: warning: {dropped} file(s) had changes that never reached the object store; \
+             they come back as last uploaded"
+        );
+    }
+    imported
+        .sync()
+        .context("cannot sync the imported metadata")?;
     drop(imported);
     std::fs::rename(&tmp, dir.meta_path()).with_context(|| {
         format!(
@@ -409,6 +429,22 @@ async fn import(
     sync_dir(&dir.root)?;
     let (meta, flash, _) = dir.open()?;
     Ok((meta, flash, head.seq))
+}
+
+/// Applies the logged operations in order. Each is atomic, so if one cannot be applied
+/// (which would mean a damaged log, the segments' checksums notwithstanding) the store is
+/// left as of the one before it, and the rest is reported rather than half-applied.
+fn replay(meta: &MetaStore, log: &[(u64, Op)]) {
+    for (i, (seq, op)) in log.iter().enumerate() {
+        if let Err(e) = meta.replay(*seq, op) {
+            eprintln!(
+                "cfs: warning: cannot replay logged operation {seq} ({e}); the filesystem is \
+                 restored up to the operation before it, and {} operation(s) from it on are lost",
+                log.len() - i
+            );
+            return;
+        }
+    }
 }
 
 /// Step 3: every linked regular file gets its backing file, sparse at its size, with its

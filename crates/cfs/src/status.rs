@@ -65,6 +65,16 @@ pub struct UploadCounters {
     pub checkpoint_age_secs: Option<u64>,
     /// Metadata changed since that checkpoint: the next one is due within the interval.
     pub checkpoint_behind: bool,
+    /// The operation log shipped to the object store since the mount started, what is
+    /// still to go, and failed attempts: with the newest checkpoint, what repair replays.
+    #[serde(default)]
+    pub log_ops_shipped: u64,
+    #[serde(default)]
+    pub log_segments_shipped: u64,
+    #[serde(default)]
+    pub log_backlog_ops: u64,
+    #[serde(default)]
+    pub log_errors: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,6 +162,10 @@ impl Status {
                 },
                 checkpoint_behind: t.uploads.checkpoints_published.load(Relaxed) == 0
                     || meta.change_count() > t.uploads.checkpoint_changes.load(Relaxed),
+                log_ops_shipped: t.log.ops_shipped.load(Relaxed),
+                log_segments_shipped: t.log.segments_shipped.load(Relaxed),
+                log_backlog_ops: meta.log_backlog().unwrap_or(0),
+                log_errors: t.log.errors.load(Relaxed),
             }),
             flash_tier: tier.map(|t| FlashTier {
                 used_bytes: t.evict.flash_used.load(Relaxed),
@@ -262,6 +276,10 @@ impl Status {
                     u.checkpoint_errors
                 ),
             }
+            println!(
+                "op log       {} operations in {} segments shipped since mount, {} waiting, {} errors",
+                u.log_ops_shipped, u.log_segments_shipped, u.log_backlog_ops, u.log_errors
+            );
         }
     }
 }

@@ -8,6 +8,7 @@ use cfs_flash::FlashDir;
 use cfs_meta::MetaStore;
 use cfs_tier::evict::{EvictConfig, EvictStats, Evictor, OpenFiles};
 use cfs_tier::hydrate::{HydrateStats, Hydrator};
+use cfs_tier::oplog::{LogShipper, LogStats};
 use cfs_tier::uploader::{FinishHandle, FlushPolicy, UploadKick, UploadStats, Uploader};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 pub struct Tier {
     kick: UploadKick,
     stats: Arc<UploadStats>,
+    log: Arc<LogStats>,
     hydrator: Arc<Hydrator>,
     evictor: Arc<Evictor>,
     /// The mount's open files, known once the filesystem object exists.
@@ -154,6 +156,7 @@ impl Tier {
     pub fn live_stats(&self) -> TierStats {
         TierStats {
             uploads: Arc::clone(&self.stats),
+            log: Arc::clone(&self.log),
             evict: self.evictor.stats(),
             hydrate: self.hydrator.stats(),
             watermarks: (self.high_pct, self.low_pct),
@@ -165,6 +168,7 @@ impl Tier {
 #[derive(Clone)]
 pub struct TierStats {
     pub uploads: Arc<UploadStats>,
+    pub log: Arc<LogStats>,
     pub evict: Arc<EvictStats>,
     pub hydrate: Arc<HydrateStats>,
     pub watermarks: (u8, u8),
@@ -206,6 +210,8 @@ pub fn start(
     // Blobs written back to flash are synced before the metadata that records them is durable.
     meta.set_data_barrier(Arc::clone(&hydrator) as Arc<dyn cfs_meta::DataBarrier>);
     let nominate = Arc::clone(&evictor);
+    let fs = cfs_tier::FsId::new(meta.fs_id())?;
+    let shipper = LogShipper::new(Arc::clone(meta), store.clone(), fs);
     let uploader = Uploader::new(
         Arc::clone(meta),
         flash.clone(),
@@ -222,6 +228,7 @@ pub fn start(
     let tier = Tier {
         kick: uploader.kick_handle(),
         stats: uploader.stats(),
+        log: shipper.stats(),
         hydrator,
         evictor: Arc::clone(&evictor),
         live,
@@ -230,6 +237,9 @@ pub fn start(
         finish: uploader.finish_handle(),
     };
     let handle = runtime.handle().clone();
+    // Between checkpoints, the operation log keeps the bucket within about a second of
+    // this node's durable metadata.
+    runtime.spawn(shipper.run(Duration::from_secs(1)));
     std::thread::Builder::new()
         .name("cfs-evictor".into())
         .spawn(move || evictor.run(handle))?;

@@ -3,8 +3,10 @@
 //! same tree byte for byte, with the same modes, sizes, link counts, inode numbers, times,
 //! symlinks and xattrs. A repair killed midway resumes to the same result; a damaged
 //! checkpoint is refused with a clear error; a data dir in use or holding a filesystem is
-//! refused; `--lazy` gives the same tree, fetched on first read. The second test does the same through an S3 server (s3s-fs on loopback), after
-//! the daemon was killed rather than unmounted, so that only a periodic checkpoint exists.
+//! refused; `--lazy` gives the same tree, fetched on first read. The second test does the same
+//! through an S3 server (s3s-fs on loopback), after the daemon was killed rather than
+//! unmounted, with every change made after the one checkpoint: only the operation log
+//! shipped since brings them back.
 
 mod common;
 use common::*;
@@ -36,6 +38,23 @@ fn wait_checkpointed(m: &Mount, blobs: u64) -> serde_json::Value {
         assert!(
             Instant::now() < deadline,
             "no checkpoint of the flushed tree: {s:#}\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until `cfs status --json` satisfies `ok`, and returns it.
+fn wait_for(m: &Mount, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = status(m);
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what}: {s:#}\n{}",
             m.log_text()
         );
         std::thread::sleep(Duration::from_millis(250));
@@ -451,12 +470,25 @@ fn repair_from_an_s3_server_after_a_crash() {
     let server = S3sFs::start(&root.path().join("s3"), "bucket");
     let endpoint = server.endpoint();
     let url = "s3://bucket/cfs";
-    // The daemon and repair read their credentials from the environment.
-    // SAFETY: set before this test starts any child; every test of this binary that reads
-    // them wants these same values.
+    // The daemon and repair read their credentials from a profile in an AWS shared
+    // credentials file, as an operator's would be (the other S3 tests use the environment).
+    let creds = root.path().join("aws-credentials");
+    std::fs::write(
+        &creds,
+        format!(
+            "# test keys\n[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n\
+             [cfs-test]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY} ; s3s-fs\n"
+        ),
+    )
+    .expect("credentials file");
+    // SAFETY: set before this test starts any child; the other test of this binary uses a
+    // file:// store and reads none of them.
     unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", ACCESS_KEY);
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+        std::env::remove_var("AWS_ACCESS_KEY_ID");
+        std::env::remove_var("AWS_SECRET_ACCESS_KEY");
+        std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", &creds);
+        std::env::set_var("AWS_CONFIG_FILE", root.path().join("no-such-config"));
+        std::env::set_var("AWS_PROFILE", "cfs-test");
     }
     let mountpoint: PathBuf = root.path().join("mnt");
     std::fs::create_dir_all(&mountpoint).expect("mnt");
@@ -469,19 +501,44 @@ fn repair_from_an_s3_server_after_a_crash() {
             url,
             "--s3-endpoint",
             &endpoint,
+            // The first pass publishes a checkpoint (of the empty filesystem); the next is
+            // an hour away, so everything below reaches the bucket through the log alone.
             "--checkpoint-interval",
-            "1",
+            "3600",
         ],
     );
+    wait_for(&m, "the first checkpoint", |s| {
+        u(&s["uploads"]["checkpoints_published"]) == 1
+    });
     std::fs::create_dir(m.path("d")).expect("mkdir");
+    std::fs::create_dir(m.path("gone")).expect("mkdir");
     write_synced(&m.path("d/small"), b"small");
     write_synced(&m.path("two-blobs"), &noise(7, BLOB as usize + 4321));
+    write_synced(&m.path("renamed-from"), b"moves");
+    write_synced(&m.path("gone/deleted"), b"deleted");
     std::os::unix::fs::symlink("d/small", m.path("s")).expect("symlink");
     setxattr(&m.path("d"), "user.k", "v");
-    wait_checkpointed(&m, 3);
+    std::fs::rename(m.path("renamed-from"), m.path("d/renamed-to")).expect("rename");
+    std::fs::remove_file(m.path("gone/deleted")).expect("unlink");
+    std::fs::remove_dir(m.path("gone")).expect("rmdir");
+    std::fs::hard_link(m.path("d/small"), m.path("hard")).expect("link");
+    std::fs::set_permissions(m.path("two-blobs"), std::fs::Permissions::from_mode(0o640))
+        .expect("chmod");
+    std::fs::File::open(&m.mountpoint)
+        .expect("open root")
+        .sync_all()
+        .expect("fsync root");
+    let s = wait_for(&m, "the flush and the log", |s| {
+        u(&s["tier"]["blobs_stored"]) == 4
+            && u(&s["tier"]["files_dirty"]) == 0
+            && u(&s["uploads"]["files_in_flight"]) == 0
+            && u(&s["uploads"]["log_backlog_ops"]) == 0
+    });
+    assert_eq!(u(&s["uploads"]["checkpoints_published"]), 1, "{s:#}");
+    assert!(u(&s["uploads"]["log_ops_shipped"]) > 10, "{s:#}");
     let want = snapshot(&m.mountpoint);
     let want_xattrs = xattrs(&m.mountpoint);
-    // A crash: no final checkpoint, only the periodic one.
+    // A crash: no final checkpoint.
     m.kill9();
 
     let new = root.path().join("new");
@@ -489,11 +546,19 @@ fn repair_from_an_s3_server_after_a_crash() {
         .args(["--s3-endpoint", &endpoint])
         .output()
         .expect("run repair");
-    assert!(
-        out.status.success(),
-        "repair failed:\n{}",
-        output_text(&out)
-    );
+    let text = output_text(&out);
+    assert!(out.status.success(), "repair failed:\n{text}");
+    let replayed: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cfs: ")?
+                .split_once(" operation(s) logged after")?
+                .0
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no replay count in:\n{text}"));
+    assert!(replayed > 10, "{text}");
     let mut m = Mount::start_at(&mountpoint, &new, &[]);
     assert_same_tree(&m, &want, &want_xattrs);
     m.unmount();

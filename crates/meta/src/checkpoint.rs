@@ -46,6 +46,13 @@ pub struct Checkpoint {
     /// newer checkpoint is needed.
     pub change_count: u64,
     pub counts: CheckpointCounts,
+    /// The last logged operation the image holds (see `oplog`): a replay of the shipped
+    /// log after it applies only later ones.
+    pub op_seq: u64,
+    /// The first operation not yet shipped when the image was taken: the shipped segment
+    /// holding the operation after `op_seq` starts here or later, so a replay reads
+    /// segments from here on.
+    pub log_next: u64,
     /// The image's delete queue. These objects are referenced by no blob of the image, so
     /// once the image is published as the newest checkpoint they may be DELETEd: a repair
     /// from it will never ask for them.
@@ -69,16 +76,6 @@ pub struct CheckpointCounts {
     pub dirty: u64,
     pub deletes: u64,
     pub evicted: u64,
-}
-
-/// How [`MetaStore::import_checkpoint`] treats the image's tier state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ImportOptions {
-    /// Rebuilding from the object store alone (`cfs repair --from-s3`): the new node has no
-    /// data on flash yet. Every committed blob is marked evicted (so reads fetch it and the
-    /// eviction bookkeeping is right), and the upload queue is emptied: its files' flash
-    /// copies are gone, and uploading the empty backing files would overwrite good objects.
-    pub all_evicted: bool,
 }
 
 fn corrupt(why: impl std::fmt::Display) -> MetaError {
@@ -157,7 +154,7 @@ impl MetaStore {
     /// How many operations this store has applied since it was opened. Cheap; a checkpoint
     /// publisher compares it with [`Checkpoint::change_count`] to skip unchanged intervals.
     pub fn change_count(&self) -> u64 {
-        self.committed.load(Ordering::Acquire)
+        self.changes.load(Ordering::Acquire)
     }
 
     /// Serialises every table from one read transaction. Writers are not blocked.
@@ -171,12 +168,18 @@ impl MetaStore {
         out.extend_from_slice(&crate::FORMAT_VERSION.to_le_bytes());
         let mut c = CheckpointCounts::default();
 
+        // The image covers the log up to op_seq: an import starts its own numbering there.
+        let (op_seq, log_next) = crate::oplog::checkpoint_cut(&read)?;
         let sup = read.open_table(SUPER)?;
-        put(&mut out, &sup.len()?)?;
+        let has_base = sup.get(KEY_LOG_BASE)?.is_some();
+        put(&mut out, &(sup.len()? + u64::from(!has_base)))?;
         for r in sup.iter()? {
             let (k, v) = r?;
-            put(&mut out, &(k.value(), v.value()))?;
+            if k.value() != KEY_LOG_BASE {
+                put(&mut out, &(k.value(), v.value()))?;
+            }
         }
+        put(&mut out, &(KEY_LOG_BASE, op_seq.to_le_bytes().as_slice()))?;
         let inodes = read.open_table(INODES)?;
         c.inodes = inodes.len()?;
         put(&mut out, &c.inodes)?;
@@ -257,6 +260,8 @@ impl MetaStore {
             fs_id: self.fs_id().to_string(),
             change_count,
             counts: c,
+            op_seq,
+            log_next,
             deletes,
         })
     }
@@ -268,14 +273,10 @@ impl MetaStore {
     /// that already holds any metadata is refused; an empty database file (left by an import
     /// that was interrupted before its commit) is reused. Returns the store and what the
     /// checkpoint held (before `opts` were applied).
-    pub fn import_checkpoint(
-        path: &Path,
-        bytes: &[u8],
-        opts: ImportOptions,
-    ) -> Result<(MetaStore, CheckpointCounts)> {
+    pub fn import_checkpoint(path: &Path, bytes: &[u8]) -> Result<(MetaStore, CheckpointCounts)> {
         let body = verify(bytes)?;
         let existed = path.exists();
-        let counts = match import_into(path, body, opts) {
+        let counts = match import_into(path, body) {
             Ok(c) => c,
             Err(e) => {
                 // Damage the crc cannot see (a well-checksummed image of a broken store) is
@@ -298,8 +299,36 @@ impl MetaStore {
     }
 }
 
+impl MetaStore {
+    /// Readies an imported (and replayed) store for a node that has no data on flash yet,
+    /// which is what `cfs repair --from-s3` builds: every committed blob is marked evicted
+    /// (so reads fetch it and the eviction bookkeeping is right), and the upload queue is
+    /// emptied: its files' flash copies are gone, and uploading the empty backing files would
+    /// overwrite good objects. Returns how many files were on the upload queue: their last
+    /// changes never reached the object store, and they come back as last uploaded.
+    pub fn prepare_repaired(&self) -> Result<u64> {
+        let txn = self.db.begin_write()?;
+        let dropped;
+        {
+            let blobs = txn.open_table(BLOBS)?;
+            let mut evicted = txn.open_table(EVICTED)?;
+            for r in blobs.iter()? {
+                let (k, v) = r?;
+                evicted.insert(k.value(), v.value().0)?;
+            }
+            let mut dirty = txn.open_table(DIRTY)?;
+            dropped = dirty.len()?;
+            dirty.retain(|_, _| false)?;
+        }
+        txn.commit()?;
+        self.committed.fetch_add(1, Ordering::Release);
+        self.changes.fetch_add(1, Ordering::Release);
+        Ok(dropped)
+    }
+}
+
 /// Writes the verified sections `body` into a new database at `path` in one transaction.
-fn import_into(path: &Path, body: &[u8], opts: ImportOptions) -> Result<CheckpointCounts> {
+fn import_into(path: &Path, body: &[u8]) -> Result<CheckpointCounts> {
     let db = Database::builder().create(path).map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => MetaError::Store(
             "the metadata database is in use by another process (is it mounted?)".into(),
@@ -377,16 +406,11 @@ fn import_into(path: &Path, body: &[u8], opts: ImportOptions) -> Result<Checkpoi
             let (k, v): ((u64, u64), (u64, u64, u32)) = r.take("a blob")?;
             c.blob_bytes += v.1;
             blobs.insert(k, v)?;
-            if opts.all_evicted {
-                evicted.insert(k, v.0)?;
-            }
         }
         c.dirty = r.count("dirty")?;
         for _ in 0..c.dirty {
             let ino: u64 = r.take("a dirty file")?;
-            if !opts.all_evicted {
-                dirty.insert(ino, ())?;
-            }
+            dirty.insert(ino, ())?;
         }
         c.deletes = r.count("deletes")?;
         for _ in 0..c.deletes {
@@ -396,9 +420,7 @@ fn import_into(path: &Path, body: &[u8], opts: ImportOptions) -> Result<Checkpoi
         c.evicted = r.count("evicted")?;
         for _ in 0..c.evicted {
             let (k, generation): ((u64, u64), u64) = r.take("an evicted blob")?;
-            if !opts.all_evicted {
-                evicted.insert(k, generation)?;
-            }
+            evicted.insert(k, generation)?;
         }
         if !r.rest.is_empty() {
             return Err(corrupt(format_args!(
@@ -591,9 +613,7 @@ mod tests {
         assert_eq!(ckpt.deletes.len(), 1);
 
         let dst_path = dir.path().join("dst.redb");
-        let (dst, counts) =
-            MetaStore::import_checkpoint(&dst_path, &ckpt.bytes, ImportOptions::default())
-                .expect("import");
+        let (dst, counts) = MetaStore::import_checkpoint(&dst_path, &ckpt.bytes).expect("import");
         assert_eq!(&counts, c);
         assert_eq!(view(&dst), view(&src));
         // Bit for bit: the imported store exports the same checkpoint.
@@ -608,17 +628,18 @@ mod tests {
     }
 
     #[test]
-    fn import_for_repair_marks_every_blob_evicted_and_drops_the_upload_queue() {
+    fn a_repaired_store_has_every_blob_evicted_and_no_upload_queue() {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = populated(dir.path());
         let ckpt = src.export_checkpoint().expect("export");
-        let (dst, counts) = MetaStore::import_checkpoint(
-            &dir.path().join("dst.redb"),
-            &ckpt.bytes,
-            ImportOptions { all_evicted: true },
-        )
-        .expect("import");
-        assert_eq!(counts.dirty, 1, "reported, though dropped");
+        let (dst, counts) = MetaStore::import_checkpoint(&dir.path().join("dst.redb"), &ckpt.bytes)
+            .expect("import");
+        assert_eq!(counts.dirty, 1);
+        assert_eq!(
+            dst.prepare_repaired().expect("prepare"),
+            1,
+            "reported, though dropped"
+        );
         assert!(dst.dirty_files(10).expect("dirty").is_empty());
         let t = dst.tier_counts().expect("tier");
         assert_eq!(
@@ -635,6 +656,170 @@ mod tests {
         assert!(dst.evict_candidates().expect("candidates").is_empty());
     }
 
+    /// Ships everything durable in `s`'s log, `per_segment` operations a segment, as the
+    /// tier's shipper does, and returns the segments.
+    fn ship_all(s: &MetaStore, per_segment: usize) -> Vec<Vec<u8>> {
+        s.sync().expect("sync");
+        let mut out = Vec::new();
+        loop {
+            let batch = s
+                .log_pending(s.log_durable_seq(), per_segment, usize::MAX)
+                .expect("pending");
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+                return out;
+            };
+            out.push(crate::encode_log_segment(&batch));
+            s.log_shipped(first.0, last.0).expect("shipped");
+        }
+    }
+
+    /// Replays shipped `segments` into `dst` the way repair does: from the segment that
+    /// starts at `next`, skipping what the checkpoint (up to `op_seq`) already holds.
+    fn replay(dst: &MetaStore, segments: &[Vec<u8>], mut next: u64, op_seq: u64) -> u64 {
+        let decoded: Vec<_> = segments
+            .iter()
+            .map(|b| crate::decode_log_segment(b).expect("decode"))
+            .collect();
+        let mut replayed = 0;
+        while let Some(seg) = decoded.iter().find(|s| s.first == next) {
+            for (i, op) in seg.ops.iter().enumerate() {
+                let seq = seg.first + i as u64;
+                if seq > op_seq {
+                    dst.replay(seq, op).expect("replay");
+                    replayed += 1;
+                }
+            }
+            next = seg.last() + 1;
+        }
+        replayed
+    }
+
+    #[test]
+    fn a_checkpoint_and_the_log_after_it_reproduce_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = populated(dir.path());
+        let early = ship_all(&src, 3);
+        assert!(early.len() > 2, "the populated store logged operations");
+        // Logged but not yet shipped when the checkpoint is taken.
+        let kept = create(&src, ROOT_INO, "before", FileKind::File, b"");
+        let ckpt = src.export_checkpoint().expect("export");
+        assert_eq!(ckpt.log_next, ckpt.op_seq, "one operation was not shipped");
+        // After the checkpoint: the log alone carries these.
+        src.execute(&Op::SetAttr {
+            ino: kept.ino,
+            attr: crate::SetAttr {
+                perm: Some(0o600),
+                ..Default::default()
+            },
+            now: Timestamp::now(),
+        })
+        .expect("chmod");
+        let d = create(&src, ROOT_INO, "later", FileKind::Dir, b"");
+        let n = create(&src, d.ino, "n", FileKind::File, b"");
+        src.execute(&Op::SyncData {
+            ino: n.ino,
+            size: 70 << 20,
+            atime: Timestamp { secs: 1, nanos: 2 },
+            mtime: Timestamp { secs: 3, nanos: 4 },
+            ctime: Timestamp::now(),
+        })
+        .expect("syncdata");
+        src.execute(&Op::MarkDirty { ino: n.ino }).expect("dirty");
+        src.execute(&Op::CommitBlobs {
+            ino: n.ino,
+            blobs: vec![blob(0, 1, 64 << 20), blob(1, 1, 6 << 20)],
+            blob_count: 2,
+            clean: true,
+        })
+        .expect("commit");
+        src.execute(&Op::Rename {
+            parent: ROOT_INO,
+            name: b"g".to_vec(),
+            new_parent: d.ino,
+            new_name: b"g2".to_vec(),
+            mode: crate::RenameMode::Replace,
+            now: Timestamp::now(),
+        })
+        .expect("rename");
+        src.execute(&Op::Unlink {
+            parent: ROOT_INO,
+            name: b"link".to_vec(),
+            now: Timestamp::now(),
+        })
+        .expect("unlink");
+        src.execute(&Op::SetXattr {
+            ino: d.ino,
+            name: b"user.later".to_vec(),
+            value: b"x".to_vec(),
+            mode: XattrMode::Upsert,
+            caller: Caller::default(),
+            now: Timestamp::now(),
+        })
+        .expect("setxattr");
+        // Flash bookkeeping is not logged.
+        let before = src.log_applied_seq();
+        src.execute(&Op::Evict {
+            ino: n.ino,
+            blobs: vec![(0, 1)],
+        })
+        .expect("evict");
+        src.execute(&Op::Hydrated {
+            ino: n.ino,
+            k: 0,
+            generation: 1,
+        })
+        .expect("hydrated");
+        assert_eq!(src.log_applied_seq(), before);
+        // Not shipped until durable.
+        assert!(src.log_durable_seq() < src.log_applied_seq());
+        let later = ship_all(&src, 2);
+        assert_eq!(src.log_durable_seq(), src.log_applied_seq());
+        assert_eq!(src.log_backlog().expect("backlog"), 0);
+        // The early segments end before the checkpoint's replay starts; the later ones do not.
+        let old = src.log_segments_before(ckpt.log_next).expect("segments");
+        assert_eq!(old.len(), early.len());
+        assert!(old.iter().all(|&(_, last)| last < ckpt.log_next));
+
+        let (dst, _) = MetaStore::import_checkpoint(&dir.path().join("dst.redb"), &ckpt.bytes)
+            .expect("import");
+        let all: Vec<Vec<u8>> = early.iter().chain(&later).cloned().collect();
+        let replayed = replay(&dst, &all, ckpt.log_next, ckpt.op_seq);
+        assert_eq!(replayed, src.log_applied_seq() - ckpt.op_seq);
+        assert_eq!(view(&dst), view(&src));
+        // Out of order is refused, and the numbering goes on after the replayed operations.
+        let last = dst.log_applied_seq();
+        assert_eq!(last, src.log_applied_seq());
+        let op = Op::MarkDirty { ino: n.ino };
+        assert!(dst.replay(last + 2, &op).is_err());
+        assert!(dst.replay(last, &op).is_err());
+        create(&dst, ROOT_INO, "after-repair", FileKind::File, b"");
+        dst.sync().expect("sync");
+        let pending = dst.log_pending(u64::MAX, 10, usize::MAX).expect("pending");
+        assert_eq!(pending.first().map(|e| e.0), Some(last + 1));
+        src.forget_log_segments(&old.iter().map(|s| s.0).collect::<Vec<_>>())
+            .expect("forget");
+        assert!(
+            src.log_segments_before(ckpt.log_next)
+                .expect("segments")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_damaged_log_segment_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = populated(dir.path());
+        let seg = ship_all(&src, 1000).pop().expect("a segment");
+        let good = crate::decode_log_segment(&seg).expect("decode");
+        assert_eq!(good.first, 1);
+        assert!(good.ops.len() > 5);
+        let mut flipped = seg.clone();
+        flipped[40] ^= 1;
+        for bad in [&flipped[..], &seg[..seg.len() - 1], &seg[..10], &[][..]] {
+            assert!(crate::decode_log_segment(bad).is_err());
+        }
+    }
+
     #[test]
     fn a_damaged_checkpoint_is_refused_before_anything_is_written() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -642,7 +827,7 @@ mod tests {
         let good = src.export_checkpoint().expect("export").bytes;
         let target = dir.path().join("dst.redb");
         let refuse = |bytes: &[u8], want: &str| {
-            let err = MetaStore::import_checkpoint(&target, bytes, ImportOptions::default())
+            let err = MetaStore::import_checkpoint(&target, bytes)
                 .err()
                 .unwrap_or_else(|| panic!("accepted a checkpoint that should say {want:?}"));
             let msg = err.to_string();
@@ -684,13 +869,9 @@ mod tests {
         let src = populated(dir.path());
         let ckpt = src.export_checkpoint().expect("export");
         drop(store(dir.path(), "other.redb"));
-        let err = MetaStore::import_checkpoint(
-            &dir.path().join("other.redb"),
-            &ckpt.bytes,
-            ImportOptions::default(),
-        )
-        .err()
-        .expect("import into a formatted store must fail");
+        let err = MetaStore::import_checkpoint(&dir.path().join("other.redb"), &ckpt.bytes)
+            .err()
+            .expect("import into a formatted store must fail");
         assert!(
             err.to_string().contains("already holds a filesystem"),
             "{err}"
@@ -701,7 +882,7 @@ mod tests {
         // An empty database file, as an interrupted import leaves, is reused.
         let empty = dir.path().join("empty.redb");
         drop(redb::Database::create(&empty).expect("create"));
-        let (dst, _) = MetaStore::import_checkpoint(&empty, &ckpt.bytes, ImportOptions::default())
+        let (dst, _) = MetaStore::import_checkpoint(&empty, &ckpt.bytes)
             .expect("import into an empty database");
         assert_eq!(dst.fs_id(), src.fs_id());
     }

@@ -11,15 +11,17 @@ mod blobs;
 mod checkpoint;
 mod error;
 mod op;
+mod oplog;
 mod repair;
 mod store;
 mod tables;
 mod types;
 
 pub use apply::XATTR_SIZE_MAX;
-pub use checkpoint::{CHECKPOINT_VERSION, Checkpoint, CheckpointCounts, ImportOptions};
+pub use checkpoint::{CHECKPOINT_VERSION, Checkpoint, CheckpointCounts};
 pub use error::{MetaError, Result};
 pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
+pub use oplog::{LOG_VERSION, LogSegment, decode_log_segment, encode_log_segment};
 pub use repair::Repair;
 pub use store::{DataBarrier, EvictCandidate, FORMAT_VERSION, MetaCounts, MetaStore, TierCounts};
 pub use tables::TIER_XATTR;

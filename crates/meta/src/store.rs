@@ -23,7 +23,13 @@ pub struct MetaStore {
     next_ino: AtomicU64,
     /// Number of commits so far; `durable` is the value it had at the last durable commit.
     pub(crate) committed: AtomicU64,
+    /// Number of those that changed the filesystem (not the log's own bookkeeping).
+    pub(crate) changes: AtomicU64,
     durable: AtomicU64,
+    /// The newest logged operation's sequence number, and the newest one known durable (the
+    /// operation log ships only durable operations; see `oplog`).
+    pub(crate) applied_seq: AtomicU64,
+    pub(crate) durable_seq: AtomicU64,
     /// Serialises durable commits, so that concurrent `sync` calls share one.
     sync_lock: Mutex<()>,
     /// Data outside the store that commits describe, made durable before each durable
@@ -151,6 +157,8 @@ impl MetaStore {
             txn.open_table(DIRTY)?;
             txn.open_table(DELETES)?;
             txn.open_table(EVICTED)?;
+            txn.open_table(OPLOG)?;
+            txn.open_table(LOG_SEGMENTS)?;
             txn.commit()?;
         }
         let read = db.begin_read()?;
@@ -164,6 +172,7 @@ impl MetaStore {
             .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
             .unwrap_or(ROOT_INO + 1);
         drop(sup);
+        let seq = crate::oplog::last_seq_read(&read)?;
         drop(read);
         Ok((
             MetaStore {
@@ -171,7 +180,10 @@ impl MetaStore {
                 fs_id,
                 next_ino: AtomicU64::new(next_ino),
                 committed: AtomicU64::new(0),
+                changes: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
+                applied_seq: AtomicU64::new(seq),
+                durable_seq: AtomicU64::new(seq),
                 sync_lock: Mutex::new(()),
                 barrier: Default::default(),
                 gate: Default::default(),
@@ -192,25 +204,43 @@ impl MetaStore {
     }
 
     /// Applies one operation and commits it (not yet durably; see [`MetaStore::sync`]).
+    /// Operations that matter beyond this node go to the operation log in the same
+    /// transaction (see `oplog`).
     pub fn execute(&self, op: &Op) -> Result<Outcome> {
+        self.apply_op(op, None)
+    }
+
+    /// Applies `op`; `replay` is the sequence number a replayed operation had in the log
+    /// it comes from (it is then not logged again).
+    pub(crate) fn apply_op(&self, op: &Op, replay: Option<u64>) -> Result<Outcome> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::None)?;
-        let outcome = {
-            let mut tx = Tx::open(&txn)?;
-            match tx.apply(op) {
-                Ok(outcome) => {
-                    tx.finish()?;
-                    outcome
-                }
-                Err(e) => {
-                    drop(tx);
-                    txn.abort()?;
-                    return Err(e);
-                }
+        let applied = Tx::open(&txn).and_then(|mut tx| {
+            let outcome = tx.apply(op)?;
+            tx.finish()?;
+            Ok(outcome)
+        });
+        let logged = applied.and_then(|outcome| {
+            let seq = crate::oplog::record(&txn, op, replay)?;
+            Ok((outcome, seq))
+        });
+        let (outcome, seq) = match logged {
+            Ok(r) => r,
+            Err(e) => {
+                txn.abort()?;
+                return Err(e);
             }
         };
         txn.commit()?;
         self.committed.fetch_add(1, Ordering::Release);
+        self.changes.fetch_add(1, Ordering::Release);
+        if let Some(seq) = seq {
+            self.applied_seq.fetch_max(seq, Ordering::Release);
+        }
+        if let (Some(_), Op::Create { ino, .. }) = (replay, op) {
+            // Numbers handed out later must follow the replayed ones.
+            self.next_ino.fetch_max(ino + 1, Ordering::Relaxed);
+        }
         Ok(outcome)
     }
 
@@ -241,10 +271,13 @@ impl MetaStore {
             sync_data(b)?;
         }
         let covered = self.committed.load(Ordering::Acquire);
+        // Read before the commit begins: every operation counted by then is in it.
+        let covered_seq = self.applied_seq.load(Ordering::Acquire);
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::Immediate)?;
         txn.commit()?;
         self.durable.fetch_max(covered, Ordering::Release);
+        self.durable_seq.fetch_max(covered_seq, Ordering::Release);
         Ok(())
     }
 

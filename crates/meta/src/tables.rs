@@ -12,6 +12,8 @@
 //! | `dirty`    | ino                  | () — written since last upload  |
 //! | `deletes`  | (ino, k, generation) | () — object to DELETE           |
 //! | `evicted`  | (ino, k)             | generation — not on flash       |
+//! | `oplog`    | seq                  | postcard [`crate::Op`], not yet shipped |
+//! | `log_segments` | first seq        | last seq — a shipped log segment |
 //!
 //! `listing` is the readdir order: cookies only grow, so a listing in progress is stable while
 //! the directory changes.
@@ -30,11 +32,16 @@ pub(crate) const BLOBS: TableDefinition<(u64, u64), (u64, u64, u32)> =
 pub(crate) const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
 pub(crate) const DELETES: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("deletes");
 pub(crate) const EVICTED: TableDefinition<(u64, u64), u64> = TableDefinition::new("evicted");
+pub(crate) const OPLOG: TableDefinition<u64, &[u8]> = TableDefinition::new("oplog");
+pub(crate) const LOG_SEGMENTS: TableDefinition<u64, u64> = TableDefinition::new("log_segments");
 pub(crate) const SUPER: TableDefinition<&str, &[u8]> = TableDefinition::new("super");
 
 pub(crate) const KEY_VERSION: &str = "format_version";
 pub(crate) const KEY_FS_ID: &str = "fs_id";
 pub(crate) const KEY_NEXT_INO: &str = "next_ino";
+/// Every logged operation up to this sequence number has left the `oplog` table: shipped to
+/// the object store, or covered by the checkpoint the store was imported from.
+pub(crate) const KEY_LOG_BASE: &str = "log_base";
 
 /// The xattr that pins a file's data on flash (`flash`), pushes it out (`s3`) or leaves it to
 /// the watermarks (`auto`). New entries inherit their parent directory's value.

@@ -5,8 +5,12 @@
 //! ```text
 //! <fs-id>/meta/HEAD               JSON [`Head`]: the newest checkpoint, its parts and checksums
 //! <fs-id>/meta/ckpt/<seq>/<part>  the checkpoint bytes, cut into parts of at most 64 MiB
+//! <fs-id>/meta/log/<first>         a segment of the operation log (see `oplog`)
 //! meta/LATEST                     JSON [`Latest`]: the filesystem that published here last
 //! ```
+//!
+//! HEAD also says where the operation log after its checkpoint starts ([`Head::log_next`]):
+//! a repair imports the checkpoint, then replays the log segments from there on.
 //!
 //! The order of a publish keeps the bucket recoverable at every instant: the parts first,
 //! then HEAD (a single PUT, which every S3 makes visible atomically), and only then are the
@@ -45,6 +49,15 @@ pub struct Head {
     pub parts: Vec<PartRef>,
     /// What the checkpoint holds, so an operator can see it without downloading it.
     pub counts: CheckpointCounts,
+    /// The first operation not yet shipped when the checkpoint was taken: the log segment
+    /// named by it (and each one after, named by its predecessor's last operation plus one)
+    /// holds what happened after the checkpoint. `None`: published by a build without the
+    /// operation log.
+    #[serde(default)]
+    pub log_next: Option<u64>,
+    /// The last logged operation the checkpoint holds; a replay skips operations up to it.
+    #[serde(default)]
+    pub op_seq: u64,
     /// The checkpoint this one replaced, whose parts are DELETEd once this HEAD is written.
     #[serde(default)]
     pub previous: Option<PreviousCheckpoint>,
@@ -60,6 +73,13 @@ pub struct PartRef {
 pub struct PreviousCheckpoint {
     pub seq: u64,
     pub parts: u64,
+}
+
+/// Where a checkpoint cuts the operation log (see [`cfs_meta::Checkpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogCut {
+    pub op_seq: u64,
+    pub next: u64,
 }
 
 /// `meta/LATEST`: the filesystem that most recently started publishing under this prefix.
@@ -227,7 +247,12 @@ impl Publisher {
     /// Writes `bytes` (a `cfs_meta` checkpoint) as the next checkpoint: parts, HEAD, then
     /// the previous checkpoint's parts go. Returns the HEAD written. On error nothing that a
     /// reader of HEAD depends on has changed, and the same call may simply be made again.
-    pub async fn publish(&mut self, bytes: Bytes, counts: CheckpointCounts) -> Result<Head> {
+    pub async fn publish(
+        &mut self,
+        bytes: Bytes,
+        counts: CheckpointCounts,
+        log: Option<LogCut>,
+    ) -> Result<Head> {
         let prev = self.load().await?;
         let seq = prev.as_ref().map_or(1, |h| h.seq + 1);
         let mut parts = Vec::new();
@@ -256,6 +281,8 @@ impl Publisher {
             crc32c: crc32c::crc32c(&bytes),
             parts,
             counts,
+            log_next: log.map(|l| l.next),
+            op_seq: log.map_or(0, |l| l.op_seq),
             previous: prev.as_ref().map(|h| PreviousCheckpoint {
                 seq: h.seq,
                 parts: h.parts.len() as u64,
@@ -329,7 +356,7 @@ mod tests {
 
         let mut p = Publisher::new(s.clone(), fs.clone());
         let one = p
-            .publish(Bytes::from_static(b"first checkpoint"), counts())
+            .publish(Bytes::from_static(b"first checkpoint"), counts(), None)
             .await
             .expect("publish");
         assert_eq!((one.seq, one.parts.len(), one.previous), (1, 1, None));
@@ -340,7 +367,7 @@ mod tests {
         // A new publisher (a new mount) continues the sequence and removes seq 1's part.
         let mut p = Publisher::new(s.clone(), fs.clone());
         let two = p
-            .publish(Bytes::from_static(b"second"), counts())
+            .publish(Bytes::from_static(b"second"), counts(), None)
             .await
             .expect("publish");
         assert_eq!(two.seq, 2);
@@ -361,7 +388,7 @@ mod tests {
         let big: Vec<u8> = (0..BLOB_SIZE + 1000).map(|i| (i % 251) as u8).collect();
         let mut p = Publisher::new(s.clone(), fs.clone());
         let head = p
-            .publish(Bytes::from(big.clone()), counts())
+            .publish(Bytes::from(big.clone()), counts(), None)
             .await
             .expect("publish");
         assert_eq!(head.parts.len(), 2);
@@ -375,7 +402,10 @@ mod tests {
         assert_eq!(seen, big.len() as u64);
 
         // An empty checkpoint still has one (empty) part, so HEAD always names one.
-        let head = p.publish(Bytes::new(), counts()).await.expect("publish");
+        let head = p
+            .publish(Bytes::new(), counts(), None)
+            .await
+            .expect("publish");
         assert_eq!(head.parts, vec![PartRef { len: 0, crc32c: 0 }]);
         for i in 0..2 {
             let old = s.get(&ObjectKey::checkpoint_part(&fs, 1, i)).await;
@@ -389,7 +419,7 @@ mod tests {
         let fs = FsId::new("fs-3").expect("fs");
         let mut p = Publisher::new(s.clone(), fs.clone());
         let head = p
-            .publish(Bytes::from_static(b"the real bytes"), counts())
+            .publish(Bytes::from_static(b"the real bytes"), counts(), None)
             .await
             .expect("publish");
         s.put(
@@ -413,7 +443,7 @@ mod tests {
         // A publisher meeting a garbage HEAD starts over rather than never publishing.
         let mut p = Publisher::new(s.clone(), fs.clone());
         let head = p
-            .publish(Bytes::from_static(b"again"), counts())
+            .publish(Bytes::from_static(b"again"), counts(), None)
             .await
             .expect("publish");
         assert_eq!(head.seq, 1);
@@ -506,12 +536,8 @@ mod tests {
         let bytes = fetch_checkpoint(&s, &fs, &head, |_| {})
             .await
             .expect("fetch");
-        let (copy, _) = MetaStore::import_checkpoint(
-            &dir.path().join("copy.redb"),
-            &bytes,
-            cfs_meta::ImportOptions::default(),
-        )
-        .expect("import");
+        let (copy, _) =
+            MetaStore::import_checkpoint(&dir.path().join("copy.redb"), &bytes).expect("import");
         let blobs: Vec<BlobRecord> = copy.blobs_of(ino).expect("blobs");
         assert_eq!(blobs.len(), 1);
         assert_eq!((blobs[0].generation, blobs[0].len), (2, 11));

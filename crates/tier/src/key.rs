@@ -121,6 +121,14 @@ impl ObjectKey {
         ObjectKey(format!("{fs}/meta/ckpt/{seq}/{part}"))
     }
 
+    /// `<fs-id>/meta/log/<first>`: the operation log segment that starts with operation
+    /// `first` (zero-padded, so that a listing sorts). The next segment is named by this
+    /// one's last operation plus one, so a reader follows the chain without LIST. A segment
+    /// is rewritten only with the same operations (and possibly more after them).
+    pub fn log_segment(fs: &FsId, first: u64) -> ObjectKey {
+        ObjectKey(format!("{fs}/meta/log/{first:020}"))
+    }
+
     /// `meta/LATEST`, directly under the store's prefix: names the filesystem that published
     /// a checkpoint there most recently, so that `cfs repair --from-s3 URL` finds its HEAD
     /// without LIST and without being told the filesystem id.

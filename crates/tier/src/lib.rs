@@ -13,6 +13,7 @@
 //!
 //! The upload/download queues that decide *when* blobs move live in the layer above.
 
+mod aws_profile;
 pub mod blob_io;
 mod blob_store;
 pub mod checkpoint;
@@ -21,6 +22,7 @@ pub mod evict;
 mod faulty;
 pub mod hydrate;
 mod key;
+pub mod oplog;
 mod retry;
 mod rng;
 mod store_url;

@@ -1,7 +1,8 @@
 //! Where the object tier lives, written as a URL:
 //!
-//! - `s3://bucket/optional/prefix`: any S3-compatible server, configured from the usual
-//!   `AWS_*` environment variables and then from [`S3Options`];
+//! - `s3://bucket/optional/prefix`: any S3-compatible server, configured from
+//!   [`S3Options`], then the usual `AWS_*` environment variables, then the AWS shared
+//!   files (`~/.aws/credentials`, `~/.aws/config`; see `aws_profile.rs`);
 //! - `file:///absolute/dir`: a local directory standing in for S3 (the zero-setup default);
 //! - `memory://` or `memory:///prefix`: a fresh in-process store, for tests.
 //!
@@ -20,6 +21,7 @@ use object_store::memory::InMemory;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
 use crate::BlobStore;
+use crate::aws_profile::{self, S3Settings};
 use crate::error::{Result, TierError};
 use crate::key::validate_path;
 
@@ -31,11 +33,15 @@ pub enum StoreUrl {
 }
 
 /// Explicit S3 settings. Each one that is set wins over its `AWS_*` environment variable
-/// (`AWS_ENDPOINT`/`AWS_ENDPOINT_URL`/`AWS_ENDPOINT_URL_S3`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
-/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`); the rest of the `AWS_*`
-/// family (session token, web identity, container credentials) is read as object_store
-/// documents. With no credentials anywhere, object_store asks the EC2 instance metadata
-/// service, which is right on EC2 and a slow failure elsewhere.
+/// (`AWS_ENDPOINT_URL_S3`/`AWS_ENDPOINT_URL`/`AWS_ENDPOINT`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`), and each variable wins
+/// over the AWS shared files (`region`, `endpoint_url` and the keys of the `AWS_PROFILE`
+/// profile). The access key id, secret and session token are taken as one unit from the
+/// first source that has any of them: giving only one of the two keys here is an error, and
+/// keys given here are used without any `AWS_SESSION_TOKEN`. The rest of the `AWS_*` family
+/// (web identity, container credentials) is read as object_store documents. With no
+/// credentials anywhere, object_store asks the EC2 instance metadata service, which is
+/// right on EC2 and a slow failure elsewhere.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct S3Options {
     /// For example `http://127.0.0.1:9000`; unset means AWS itself.
@@ -43,8 +49,9 @@ pub struct S3Options {
     pub region: Option<String>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
-    /// Permit plain HTTP. When unset, an explicit `http://` endpoint permits it: whoever
-    /// typed that address has already chosen plain HTTP.
+    /// Permit plain HTTP. When unset (and `AWS_ALLOW_HTTP` is too), an `http://` endpoint,
+    /// from whichever source, permits it: whoever wrote that address has already chosen
+    /// plain HTTP.
     pub allow_http: Option<bool>,
 }
 
@@ -61,6 +68,18 @@ impl fmt::Debug for S3Options {
             )
             .field("allow_http", &self.allow_http)
             .finish()
+    }
+}
+
+impl S3Options {
+    /// Where an `s3://` store opened with these options would take its credentials from,
+    /// for a log line or for refusing to start: `Ok(None)` means nowhere, so object_store
+    /// would fall back to container or EC2 instance-metadata credentials. Errors are the
+    /// ones [`StoreUrl::open`] would report (half a key pair, a named profile that does not
+    /// exist, an unreadable or malformed shared file).
+    pub fn credential_source(&self) -> Result<Option<String>> {
+        let settings = aws_profile::resolve(self, &aws_profile::process_env)?;
+        Ok(settings.source.map(|s| s.to_string()))
     }
 }
 
@@ -198,8 +217,47 @@ impl StoreUrl {
     }
 }
 
+/// The settings that `aws_profile::resolve` decides, with their precedence and the rule
+/// that a key pair never comes half from one source; the builder must not also pick them
+/// up from the environment behind its back.
+fn resolved_by_us(key: &AmazonS3ConfigKey) -> bool {
+    matches!(
+        key,
+        AmazonS3ConfigKey::AccessKeyId
+            | AmazonS3ConfigKey::SecretAccessKey
+            | AmazonS3ConfigKey::Token
+            | AmazonS3ConfigKey::Region
+            | AmazonS3ConfigKey::DefaultRegion
+            | AmazonS3ConfigKey::Endpoint
+            | AmazonS3ConfigKey::S3Endpoint
+    )
+}
+
+/// `AmazonS3Builder::from_env()`, less the keys in [`resolved_by_us`].
+fn builder_from_env() -> AmazonS3Builder {
+    let mut b = AmazonS3Builder::new();
+    for (name, value) in std::env::vars_os() {
+        if let (Some(name), Some(value)) = (name.to_str(), value.to_str())
+            && name.starts_with("AWS_")
+            && let Ok(key) = name.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
+            && !resolved_by_us(&key)
+        {
+            b = b.with_config(key, value);
+        }
+    }
+    b
+}
+
 fn open_s3(bucket: &str, opts: &S3Options) -> Result<object_store::aws::AmazonS3> {
-    let mut b = AmazonS3Builder::from_env()
+    let settings = aws_profile::resolve(opts, &aws_profile::process_env)?;
+    if let Some(source) = &settings.source {
+        tracing::debug!(bucket, credentials = %source, "S3 credentials");
+    }
+    build_s3(bucket, settings)
+}
+
+fn build_s3(bucket: &str, settings: S3Settings) -> Result<object_store::aws::AmazonS3> {
+    let mut b = builder_from_env()
         .with_bucket_name(bucket)
         // Bulk delete is a POST of an XML list, which some S3-compatible servers lack, and
         // which DESIGN.md rules out: we use single-object DELETE only.
@@ -215,30 +273,22 @@ fn open_s3(bucket: &str, opts: &S3Options) -> Result<object_store::aws::AmazonS3
             max_retries: 3,
             retry_timeout: Duration::from_secs(30),
         });
-    if let Some(endpoint) = &opts.endpoint {
-        // AWS_ENDPOINT_URL_S3 outranks the plain endpoint inside object_store; set both so
-        // that the explicit option wins over any environment variable.
-        b = b
-            .with_endpoint(endpoint)
-            .with_config(AmazonS3ConfigKey::S3Endpoint, endpoint);
+    if let Some(endpoint) = &settings.endpoint {
+        b = b.with_endpoint(endpoint);
     }
-    if let Some(region) = &opts.region {
+    if let Some(region) = &settings.region {
         b = b.with_region(region);
     }
-    if let Some(key) = &opts.access_key_id {
-        b = b.with_access_key_id(key);
+    if let Some(creds) = &settings.credentials {
+        b = b
+            .with_access_key_id(&creds.key_id)
+            .with_secret_access_key(&creds.secret);
+        if let Some(token) = &creds.token {
+            b = b.with_token(token);
+        }
     }
-    if let Some(secret) = &opts.secret_access_key {
-        b = b.with_secret_access_key(secret);
-    }
-    let plain_http_endpoint = opts
-        .endpoint
-        .as_deref()
-        .is_some_and(|e| e.to_ascii_lowercase().starts_with("http://"));
-    match opts.allow_http {
-        Some(allow) => b = b.with_allow_http(allow),
-        None if plain_http_endpoint => b = b.with_allow_http(true),
-        None => {}
+    if let Some(allow) = settings.allow_http {
+        b = b.with_allow_http(allow);
     }
     b.build()
         .map_err(|e| TierError::Invalid(format!("S3 configuration for bucket {bucket:?}: {e}")))
@@ -357,5 +407,21 @@ mod tests {
             .open(&half)
             .expect_err("half credentials");
         assert!(matches!(e, TierError::Invalid(_)), "{e}");
+    }
+
+    #[test]
+    fn builds_s3_from_resolved_settings_with_a_session_token() {
+        let settings = S3Settings {
+            endpoint: Some("http://127.0.0.1:1".into()),
+            region: Some("eu-west-1".into()),
+            credentials: Some(aws_profile::Credentials {
+                key_id: "ASIATEMP".into(),
+                secret: "secret".into(),
+                token: Some("token".into()),
+            }),
+            source: None,
+            allow_http: Some(true),
+        };
+        build_s3("bucket", settings).expect("s3 builds offline");
     }
 }

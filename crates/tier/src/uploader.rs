@@ -538,10 +538,30 @@ impl Uploader {
             change_count,
             counts,
             deletes,
+            op_seq,
+            log_next,
             ..
         } = ckpt;
+        // Everything the image holds must be durable here before a HEAD names it: a crash
+        // could otherwise take back operations (and log trims) the bucket already shows,
+        // and the log this node ships next would contradict the checkpoint.
+        let meta = Arc::clone(&self.meta);
+        tokio::task::spawn_blocking(move || meta.sync())
+            .await
+            .map_err(|e| TierError::Other {
+                context: "metadata sync task".into(),
+                source: Box::new(e),
+            })?
+            .map_err(meta_err)?;
         let len = bytes.len();
-        let head = publisher.publish(Bytes::from(bytes), counts).await?;
+        let cut = crate::checkpoint::LogCut {
+            op_seq,
+            next: log_next,
+        };
+        let head = publisher
+            .publish(Bytes::from(bytes), counts, Some(cut))
+            .await?;
+        crate::oplog::drop_segments_before(&self.store, &self.fs, &self.meta, log_next).await;
         tracing::debug!(seq = head.seq, bytes = len, inodes = head.counts.inodes, elapsed = ?started.elapsed(), "metadata checkpoint published");
         Ok((head.seq, change_count, deletes))
     }
