@@ -90,6 +90,12 @@ pub struct FlashTier {
     pub blobs_hydrated: u64,
     pub bytes_hydrated: u64,
     pub prefetches: u64,
+    /// Reads of evicted blobs served by a ranged GET of the 1 MiB pieces they touch, and
+    /// the bytes those GETs fetched.
+    #[serde(default)]
+    pub ranged_reads: u64,
+    #[serde(default)]
+    pub ranged_bytes: u64,
     /// Objects that failed their checksum or length check on GET.
     pub corrupt_objects: u64,
     pub hydrate_errors: u64,
@@ -177,6 +183,8 @@ impl Status {
                 blobs_hydrated: t.hydrate.blobs_hydrated.load(Relaxed),
                 bytes_hydrated: t.hydrate.bytes_hydrated.load(Relaxed),
                 prefetches: t.hydrate.prefetches.load(Relaxed),
+                ranged_reads: t.hydrate.ranged_reads.load(Relaxed),
+                ranged_bytes: t.hydrate.ranged_bytes.load(Relaxed),
                 corrupt_objects: t.hydrate.corrupt.load(Relaxed),
                 hydrate_errors: t.hydrate.errors.load(Relaxed),
                 evict_errors: t.evict.errors.load(Relaxed),
@@ -231,7 +239,7 @@ impl Status {
         );
         if let Some(f) = &self.flash_tier {
             println!(
-                "flash tier   {:.2} of {:.2} GiB ({:.0}%), watermarks {}%/{}%; {} blobs evicted, {} hydrated ({} prefetched)",
+                "flash tier   {:.2} of {:.2} GiB ({:.0}%), watermarks {}%/{}%; {} blobs evicted, {} hydrated ({} prefetched), {} reads by ranged GET",
                 gib(f.used_bytes),
                 gib(f.capacity_bytes),
                 if f.capacity_bytes > 0 {
@@ -243,7 +251,8 @@ impl Status {
                 f.low_watermark_pct,
                 f.blobs_evicted,
                 f.blobs_hydrated,
-                f.prefetches
+                f.prefetches,
+                f.ranged_reads
             );
             println!(
                 "errors       {} corrupt objects, {} hydration errors, {} eviction errors, {} retries",

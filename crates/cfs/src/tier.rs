@@ -68,6 +68,12 @@ impl cfs_fuse::TierHooks for Hooks {
     fn prefetch(&self, ino: u64, k: u64) {
         self.hydrator.prefetch(ino, k);
     }
+    fn read_evicted(&self, ino: u64, offset: u64, len: u64) -> std::io::Result<Option<Vec<u8>>> {
+        self.hydrator
+            .read_range(ino, offset, len)
+            .map(|b| b.map(|b| b.to_vec()))
+            .map_err(std::io::Error::other)
+    }
     fn policy_changed(&self, ino: u64) {
         // `s3` may now let a clean file go, or, in tiered mode, a dirty one be flushed.
         self.evictor.nominate(ino);

@@ -163,17 +163,32 @@ fn evicted_file_reads_writes_and_truncates_like_any_other() {
     );
     assert!((after.ctime(), after.ctime_nsec()) >= (before.mtime(), before.mtime_nsec()));
 
-    // A 4 KiB read in the middle fetches one blob, not the file.
-    drop_caches();
-    {
+    // A 4 KiB read in the middle costs one ranged GET of the 1 MiB piece it falls in, not
+    // a blob, let alone the file.
+    let read_at = |at: usize, len: usize| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(&p).expect("open");
-        let mut buf = vec![0u8; 4096];
-        f.read_exact_at(&mut buf, 100 * MIB as u64).expect("read");
-        assert_eq!(&buf[..], &want[100 * MIB..100 * MIB + 4096]);
-    }
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, at as u64).expect("read");
+        assert!(buf[..] == want[at..at + len], "bytes at {at} differ");
+    };
+    drop_caches();
+    read_at(100 * MIB + 12_345, 4096);
     let s = status(&m);
-    assert_eq!(u(&s["flash_tier"]["blobs_hydrated"]), 1, "{s:#}");
+    assert_eq!(u(&s["flash_tier"]["ranged_reads"]), 1, "{s:#}");
+    assert_eq!(u(&s["flash_tier"]["ranged_bytes"]), MIB as u64, "{s:#}");
+    assert_eq!(u(&s["flash_tier"]["blobs_hydrated"]), 0, "{s:#}");
+    // Read in part a second time, the blob comes back whole, in the background; the file's
+    // other blobs stay in the store.
+    drop_caches();
+    read_at(80 * MIB + 999, 8192);
+    wait_status(&m, 60, "the twice-read blob back on flash", |s| {
+        u(&s["flash_tier"]["blobs_hydrated"]) == 1 && u(&s["blobs"]["evicted"]) == 2
+    });
+    let s = status(&m);
+    assert_eq!(u(&s["flash_tier"]["ranged_reads"]), 2, "{s:#}");
+    drop_caches();
+    read_at(64 * MIB, 3 * MIB);
 
     // Overwrite in an evicted blob, then cut the file inside another evicted blob.
     {
@@ -260,6 +275,21 @@ fn corrupt_object_gives_eio_and_is_reported() {
     bad[MIB + 3] ^= 0x10;
     std::fs::write(&object, &bad).expect("corrupt");
     drop_caches();
+    // A random read of the damaged piece fails; one of a sound piece of the same object is
+    // served, checked against that piece's own checksum.
+    let pread = |at: u64| {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 4096];
+        std::fs::File::open(&p)
+            .expect("open")
+            .read_exact_at(&mut buf, at)
+            .map(|()| buf)
+    };
+    let err = pread(MIB as u64 + 100).expect_err("a damaged piece must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let at = 2 * MIB + 5;
+    assert!(pread(at as u64).expect("a sound piece") == data[at..at + 4096]);
+    drop_caches();
     let err = std::fs::read(&p).expect_err("a corrupt object must not be served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     // A short object.
@@ -267,7 +297,7 @@ fn corrupt_object_gives_eio_and_is_reported() {
     let err = std::fs::read(&p).expect_err("a short object must not be served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let s = status(&m);
-    assert!(u(&s["flash_tier"]["corrupt_objects"]) >= 2, "{s:#}");
+    assert!(u(&s["flash_tier"]["corrupt_objects"]) >= 3, "{s:#}");
     assert!(
         m.log_text().contains("corrupt object"),
         "the log names the corrupt object"

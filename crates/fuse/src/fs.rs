@@ -32,6 +32,11 @@ pub trait TierHooks: Send + Sync {
     fn hydrate(&self, ino: u64, k: u64) -> std::io::Result<()>;
     /// Starts bringing blob `k` of `ino` back in the background, if it is evicted.
     fn prefetch(&self, ino: u64, k: u64);
+    /// Bytes `offset..offset + len` of `ino` straight from the object store, without
+    /// bringing their blob back, when they lie in one evicted blob that can be read in part:
+    /// a random read then waits for one small ranged GET, not for 64 MiB. `None`: bring the
+    /// blob back instead ([`TierHooks::hydrate`]).
+    fn read_evicted(&self, ino: u64, offset: u64, len: u64) -> std::io::Result<Option<Vec<u8>>>;
     /// The `user.cfs.tier` policy of `ino` changed.
     fn policy_changed(&self, ino: u64);
     /// Called before new data may land on flash (a create, an open for writing): waits

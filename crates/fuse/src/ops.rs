@@ -201,13 +201,35 @@ impl ClaudeFs {
         Ok((fh, backing))
     }
 
-    /// Before a read on a handle opened cold: fetches the blobs the read touches and, for a
-    /// sequential reader, starts fetching the next [`PREFETCH_BLOBS`] blobs, so that GETs
+    /// A read on a handle opened cold. Any read but a sequential one that falls in an
+    /// evicted blob is served from the object store by one ranged GET when it can be (the
+    /// bytes are returned): its first byte waits for a small GET, not for a whole blob.
+    /// Otherwise the blobs the read touches are brought back (`None`: read flash) and, for
+    /// a sequential reader, the next [`PREFETCH_BLOBS`] blobs are started, so that GETs
     /// overlap each other and the reader.
-    fn cold_read(&self, h: &crate::handles::Handle, offset: u64, size: u32) -> FsResult<()> {
-        let end = offset + u64::from(size);
-        self.ensure_present(h.ino, offset..end)?;
+    fn cold_read(
+        &self,
+        h: &crate::handles::Handle,
+        offset: u64,
+        size: u32,
+    ) -> FsResult<Option<Vec<u8>>> {
+        let file_len = h.file.metadata()?.len();
+        if offset >= file_len {
+            return Ok(None);
+        }
+        let end = (offset + u64::from(size)).min(file_len);
         let sequential = h.next_read.swap(end, Ordering::Relaxed) == offset;
+        if !sequential && let Some(tier) = &self.opts.tier {
+            match tier.read_evicted(h.ino, offset, end - offset) {
+                Ok(Some(data)) => return Ok(Some(data)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(ino = h.ino, offset, error = %e, "cannot read from the object store");
+                    return Err(FsError::Errno(Errno::EIO));
+                }
+            }
+        }
+        self.ensure_present(h.ino, offset..end)?;
         let next = end.div_ceil(crate::BLOB_SIZE);
         if sequential
             && h.prefetched.swap(next + 1, Ordering::Relaxed) != next + 1
@@ -217,7 +239,7 @@ impl ClaudeFs {
                 tier.prefetch(h.ino, k);
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn handle(&self, fh: FileHandle) -> FsResult<std::sync::Arc<crate::handles::Handle>> {
@@ -660,8 +682,10 @@ impl Filesystem for ClaudeFs {
         reply: ReplyData,
     ) {
         let r = self.handle(fh).and_then(|h| {
-            if h.cold {
-                self.cold_read(&h, offset, size)?;
+            if h.cold
+                && let Some(data) = self.cold_read(&h, offset, size)?
+            {
+                return Ok(data);
             }
             let mut buf = vec![0u8; size as usize];
             let mut filled = 0;

@@ -20,6 +20,7 @@ impl Tx<'_> {
             .collect::<Result<_, _>>()?;
         for (k, generation) in doomed {
             self.blobs.remove((ino, k))?;
+            self.chunks.remove((ino, k))?;
             self.evicted.remove((ino, k))?;
             self.deletes.insert((ino, k, generation), ())?;
         }
@@ -49,6 +50,14 @@ impl Tx<'_> {
                 if old_gen != b.generation {
                     self.deletes.insert((ino, b.k, old_gen), ())?;
                 }
+            }
+            if b.chunks.is_empty() {
+                self.chunks.remove((ino, b.k))?;
+            } else {
+                self.chunks.insert(
+                    (ino, b.k),
+                    crate::tables::encode_chunks(&b.chunks).as_slice(),
+                )?;
             }
             // A new generation was read off flash, so it is present.
             self.evicted.remove((ino, b.k))?;

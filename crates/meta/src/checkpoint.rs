@@ -28,7 +28,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 
 /// The checkpoint encoding this build writes and reads.
-pub const CHECKPOINT_VERSION: u32 = 1;
+pub const CHECKPOINT_VERSION: u32 = 2;
 
 const MAGIC: &[u8; 8] = b"CFSCKPT\n";
 /// Magic, checkpoint version, metadata format version.
@@ -230,6 +230,12 @@ impl MetaStore {
             c.blob_bytes += v.value().1;
             put(&mut out, &(k.value(), v.value()))?;
         }
+        let chunks = read.open_table(CHUNKS)?;
+        put(&mut out, &chunks.len()?)?;
+        for r in chunks.iter()? {
+            let (k, v) = r?;
+            put(&mut out, &(k.value(), v.value()))?;
+        }
         let dirty = read.open_table(DIRTY)?;
         c.dirty = dirty.len()?;
         put(&mut out, &c.dirty)?;
@@ -352,6 +358,7 @@ fn import_into(path: &Path, body: &[u8]) -> Result<CheckpointCounts> {
         let mut xattrs = txn.open_table(XATTRS)?;
         let mut orphans = txn.open_table(ORPHANS)?;
         let mut blobs = txn.open_table(BLOBS)?;
+        let mut chunks = txn.open_table(CHUNKS)?;
         let mut dirty = txn.open_table(DIRTY)?;
         let mut deletes = txn.open_table(DELETES)?;
         let mut evicted = txn.open_table(EVICTED)?;
@@ -406,6 +413,10 @@ fn import_into(path: &Path, body: &[u8]) -> Result<CheckpointCounts> {
             let (k, v): ((u64, u64), (u64, u64, u32)) = r.take("a blob")?;
             c.blob_bytes += v.1;
             blobs.insert(k, v)?;
+        }
+        for _ in 0..r.count("blob checksums")? {
+            let (k, v): ((u64, u64), Vec<u8>) = r.take("a blob's piece checksums")?;
+            chunks.insert(k, v.as_slice())?;
         }
         c.dirty = r.count("dirty")?;
         for _ in 0..c.dirty {
@@ -484,6 +495,9 @@ mod tests {
             generation,
             len,
             crc32c: (k * 31 + generation) as u32,
+            chunks: (0..len.div_ceil(crate::BLOB_CHUNK))
+                .map(|i| (i * 7 + generation) as u32)
+                .collect(),
         }
     }
 
@@ -853,7 +867,13 @@ mod tests {
         future[8..12].copy_from_slice(&(CHECKPOINT_VERSION + 1).to_le_bytes());
         let crc = crc32c::crc32c(&future);
         future.extend_from_slice(&crc.to_le_bytes());
-        refuse(&future, "checkpoint version 2 is not supported");
+        refuse(
+            &future,
+            &format!(
+                "checkpoint version {} is not supported",
+                CHECKPOINT_VERSION + 1
+            ),
+        );
 
         // Consistent checksum around broken content: a row count past the end.
         let mut lying = good[..HEADER_LEN].to_vec();

@@ -32,5 +32,10 @@ pub use types::*;
 /// layer must agree on this one value.
 pub const BLOB_SIZE: u64 = 64 << 20;
 
+/// Blobs are checksummed in pieces of this size too (see [`BlobRecord::chunks`]), so that a
+/// ranged GET of a piece of a blob can be verified on its own: a small random read of a cold
+/// file then costs one small GET, not a 64 MiB one.
+pub const BLOB_CHUNK: u64 = 1 << 20;
+
 #[cfg(test)]
 mod tests;

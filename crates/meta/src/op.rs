@@ -146,12 +146,16 @@ pub enum Op {
 }
 
 /// One uploaded blob: index `k` of the file, at `generation`, with its length and checksum.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct BlobRecord {
     pub k: u64,
     pub generation: u64,
     pub len: u64,
     pub crc32c: u32,
+    /// The crc32c of each [`crate::BLOB_CHUNK`] of the blob (the last one may be shorter),
+    /// so that a ranged GET of whole pieces can be verified. Empty for a blob recorded
+    /// without them: it is then only ever fetched whole.
+    pub chunks: Vec<u32>,
 }
 
 /// What applying an operation produced.

@@ -154,6 +154,7 @@ impl MetaStore {
             txn.open_table(XATTRS)?;
             txn.open_table(ORPHANS)?;
             txn.open_table(BLOBS)?;
+            txn.open_table(CHUNKS)?;
             txn.open_table(DIRTY)?;
             txn.open_table(DELETES)?;
             txn.open_table(EVICTED)?;
@@ -483,16 +484,23 @@ impl MetaStore {
     pub fn blobs_of(&self, ino: Ino) -> Result<Vec<crate::BlobRecord>> {
         let read = self.db.begin_read()?;
         let table = read.open_table(BLOBS)?;
+        let chunks = read.open_table(CHUNKS)?;
+        let mut sums: std::collections::HashMap<u64, Vec<u32>> = chunks
+            .range((ino, 0)..=(ino, u64::MAX))?
+            .map(|r| r.map(|(k, v)| (k.value().1, decode_chunks(v.value()))))
+            .collect::<std::result::Result<_, _>>()?;
         table
             .range((ino, 0)..=(ino, u64::MAX))?
             .map(|r| {
                 r.map(|(k, v)| {
                     let (generation, len, crc32c) = v.value();
+                    let k = k.value().1;
                     crate::BlobRecord {
-                        k: k.value().1,
+                        k,
                         generation,
                         len,
                         crc32c,
+                        chunks: sums.remove(&k).unwrap_or_default(),
                     }
                 })
                 .map_err(MetaError::from)

@@ -12,6 +12,7 @@
 //! | `dirty`    | ino                  | () — written since last upload  |
 //! | `deletes`  | (ino, k, generation) | () — object to DELETE           |
 //! | `evicted`  | (ino, k)             | generation — not on flash       |
+//! | `blob_chunks` | (ino, k)          | crc32c of each `BLOB_CHUNK`, u32 LE |
 //! | `oplog`    | seq                  | postcard [`crate::Op`], not yet shipped |
 //! | `log_segments` | first seq        | last seq — a shipped log segment |
 //!
@@ -29,6 +30,7 @@ pub(crate) const XATTRS: TableDefinition<(u64, &[u8]), &[u8]> = TableDefinition:
 pub(crate) const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 pub(crate) const BLOBS: TableDefinition<(u64, u64), (u64, u64, u32)> =
     TableDefinition::new("blobs");
+pub(crate) const CHUNKS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("blob_chunks");
 pub(crate) const DIRTY: TableDefinition<u64, ()> = TableDefinition::new("dirty");
 pub(crate) const DELETES: TableDefinition<(u64, u64, u64), ()> = TableDefinition::new("deletes");
 pub(crate) const EVICTED: TableDefinition<(u64, u64), u64> = TableDefinition::new("evicted");
@@ -53,6 +55,17 @@ pub(crate) fn encode_inode(inode: &Inode) -> Result<Vec<u8>> {
 
 pub(crate) fn decode_inode(ino: Ino, bytes: &[u8]) -> Result<Inode> {
     postcard::from_bytes(bytes).map_err(|e| MetaError::Corrupt(ino, e.to_string()))
+}
+
+pub(crate) fn encode_chunks(crcs: &[u32]) -> Vec<u8> {
+    crcs.iter().flat_map(|c| c.to_le_bytes()).collect()
+}
+
+pub(crate) fn decode_chunks(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 pub(crate) fn encode_listing(ino: Ino, kind: FileKind, name: &[u8]) -> Vec<u8> {

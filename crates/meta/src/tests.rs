@@ -2504,7 +2504,41 @@ fn blob(k: u64, generation: u64, len: u64) -> BlobRecord {
         generation,
         len,
         crc32c: (k * 31 + generation) as u32,
+        chunks: (0..len.div_ceil(crate::BLOB_CHUNK))
+            .map(|i| (i * 7 + generation) as u32)
+            .collect(),
     }
+}
+
+#[test]
+fn blob_piece_checksums_follow_their_generation() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "f", FileKind::File).expect("create");
+    let commit = |blobs: Vec<BlobRecord>, count| {
+        s.execute(&Op::CommitBlobs {
+            ino: f.ino,
+            blobs,
+            blob_count: count,
+            clean: true,
+        })
+        .expect("commit");
+    };
+    commit(vec![blob(0, 1, 64 << 20), blob(1, 1, 3 << 20)], 2);
+    let got = s.blobs_of(f.ino).expect("blobs");
+    assert_eq!(got, vec![blob(0, 1, 64 << 20), blob(1, 1, 3 << 20)]);
+    assert_eq!(got[0].chunks.len(), 64);
+    assert_eq!(got[1].chunks.len(), 3);
+    // A new generation replaces them; one recorded without pieces has none.
+    let mut bare = blob(1, 2, 5);
+    bare.chunks.clear();
+    commit(vec![bare.clone()], 2);
+    assert_eq!(s.blobs_of(f.ino).expect("blobs")[1], bare);
+    // Retired with the blob: a regrown blob 1 does not inherit them.
+    commit(Vec::new(), 1);
+    let mut regrown = blob(1, 1, 10);
+    regrown.chunks.clear();
+    commit(vec![regrown.clone()], 2);
+    assert_eq!(s.blobs_of(f.ino).expect("blobs")[1], regrown);
 }
 
 #[test]

@@ -189,6 +189,68 @@ impl BlobStore {
         .await
     }
 
+    /// Bytes `range` of the object under `key`, in one ranged GET, only if each piece checks
+    /// out: `range` starts at a multiple of `piece`, and its `i`th piece of `piece` bytes (the
+    /// last one may be shorter) must have crc32c `crcs[i]`. Otherwise `Corrupt`, after the
+    /// retries a bad transfer deserves. This is how part of a blob is read: the piece
+    /// checksums recorded at upload are checked, so wrong bytes never reach a reader.
+    pub async fn get_range_verified(
+        &self,
+        key: &ObjectKey,
+        range: Range<u64>,
+        piece: u64,
+        crcs: &[u32],
+    ) -> Result<Bytes> {
+        let len = range.end.saturating_sub(range.start);
+        if len == 0
+            || piece == 0
+            || !range.start.is_multiple_of(piece)
+            || len.div_ceil(piece) != crcs.len() as u64
+        {
+            return Err(TierError::Invalid(format!(
+                "range {range:?} of {key} is not {} whole pieces of {piece} bytes",
+                crcs.len()
+            )));
+        }
+        let path = self.path(key);
+        retry(&self.retry, || async {
+            let opts = GetOptions::new().with_range(Some(range.clone()));
+            let res = self.get_opts(&path, key, opts).await?;
+            let expected = Fingerprint { len, crc32c: None };
+            let (body, _) = read_body(key, res, expected).await?;
+            if body.len() as u64 != len {
+                return Err(TierError::Corrupt {
+                    key: key.to_string(),
+                    expected,
+                    found: Fingerprint {
+                        len: body.len() as u64,
+                        crc32c: None,
+                    },
+                });
+            }
+            for (i, (bytes, &want)) in body.chunks(piece as usize).zip(crcs).enumerate() {
+                let got = crc32c::crc32c(bytes);
+                if got != want {
+                    let at = range.start + i as u64 * piece;
+                    tracing::debug!(key = %key, at, "a piece of a ranged GET fails its checksum");
+                    return Err(TierError::Corrupt {
+                        key: key.to_string(),
+                        expected: Fingerprint {
+                            len: bytes.len() as u64,
+                            crc32c: Some(want),
+                        },
+                        found: Fingerprint {
+                            len: bytes.len() as u64,
+                            crc32c: Some(got),
+                        },
+                    });
+                }
+            }
+            Ok(body)
+        })
+        .await
+    }
+
     /// Deletes the object under `key`; a missing object is already deleted, so Ok. That
     /// makes DELETE idempotent, which is what lets a lost response be retried safely.
     pub async fn delete(&self, key: &ObjectKey) -> Result<()> {

@@ -147,6 +147,47 @@ async fn ranged_gets(store: &BlobStore, key: &ObjectKey) {
         let want = &body[r.start as usize..r.end as usize];
         assert_same(&format!("range {r:?}"), &got, want);
     }
+    // Ranged GETs of whole 1 MiB pieces, each checked against its own crc32c.
+    let pieces: Vec<u32> = body.chunks(MIB).map(crc).collect();
+    for (first, n) in [(0, 1), (1, 2), (3, 1), (0, 4)] {
+        let start = (first * MIB) as u64;
+        let end = ((first + n) * MIB).min(len) as u64;
+        let got = store
+            .get_range_verified(key, start..end, MIB as u64, &pieces[first..first + n])
+            .await
+            .expect("get_range_verified");
+        assert_same(
+            &format!("verified pieces {first}+{n}"),
+            &got,
+            &body[start as usize..end as usize],
+        );
+    }
+    let mut wrong = pieces.clone();
+    wrong[1] ^= 1;
+    assert_corrupt(
+        "a piece with the wrong checksum",
+        store
+            .get_range_verified(key, 0..2 * MIB as u64, MIB as u64, &wrong[..2])
+            .await,
+        key,
+    );
+    assert_corrupt(
+        "pieces past the end of the object",
+        store
+            .get_range_verified(
+                key,
+                3 * MIB as u64..4 * MIB as u64,
+                MIB as u64,
+                &pieces[3..4],
+            )
+            .await,
+        key,
+    );
+    let e = store
+        .get_range_verified(key, 10..20, MIB as u64, &pieces[..1])
+        .await
+        .expect_err("a range off the piece boundaries");
+    assert!(matches!(e, TierError::Invalid(_)), "misaligned: {e:?}");
     let e = store.get_range(key, 10..10).await.expect_err("empty range");
     assert!(matches!(e, TierError::Invalid(_)), "empty range: {e:?}");
     let e = store

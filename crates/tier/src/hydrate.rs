@@ -6,11 +6,17 @@
 //! were `Hydrated` durable before the bytes, a crash could leave a blob marked present that
 //! reads as zeros; the other way round, a crash only costs a second download.
 //!
+//! A read that is not sequential need not wait for a whole blob: [`Hydrator::read_range`]
+//! serves it with one ranged GET of the 1 MiB pieces it touches, each checked against the
+//! piece checksums recorded at upload, and leaves the blob evicted. A blob read that way a
+//! second time is fetched whole in the background, so a working set settles on flash.
+//!
 //! A corrupt or short object is never written: the caller gets an error (`EIO` to the
 //! application), the log says which key, and the `corrupt` counter goes up.
 
 use crate::key::{BLOB_SIZE, BlobKey, FsId};
 use crate::{BlobStore, Result, TierError};
+use bytes::Bytes;
 use cfs_flash::FlashDir;
 use cfs_meta::{Ino, MetaStore, Op};
 use std::collections::HashMap;
@@ -24,6 +30,9 @@ pub struct HydrateStats {
     pub blobs_hydrated: AtomicU64,
     pub bytes_hydrated: AtomicU64,
     pub prefetches: AtomicU64,
+    /// Reads served by a ranged GET of part of an evicted blob, and their bytes.
+    pub ranged_reads: AtomicU64,
+    pub ranged_bytes: AtomicU64,
     /// GETs whose body did not match the recorded length or checksum.
     pub corrupt: AtomicU64,
     pub errors: AtomicU64,
@@ -45,7 +54,14 @@ pub struct Hydrator {
     inflight: InFlight,
     unsynced: Arc<Unsynced>,
     stats: Arc<HydrateStats>,
+    /// Evicted blobs read in part, and how often: the second time, the whole blob comes.
+    touched: parking_lot::Mutex<HashMap<(Ino, u64), u32>>,
 }
+
+/// Ranged reads of an evicted blob after which it is fetched whole.
+const TOUCHES_BEFORE_FETCH: u32 = 2;
+/// Bound on the blobs whose ranged reads are counted.
+const TOUCHED_MAX: usize = 1 << 16;
 
 impl Hydrator {
     pub fn new(
@@ -64,6 +80,7 @@ impl Hydrator {
             inflight: Default::default(),
             unsynced: Arc::default(),
             stats: Arc::default(),
+            touched: Default::default(),
         }))
     }
 
@@ -93,6 +110,101 @@ impl Hydrator {
                 tracing::debug!(ino, k, error = %e, "prefetch failed; the read will retry");
             }
         });
+    }
+
+    /// Bytes `offset..offset + len` of `ino`, if they lie in one evicted blob whose piece
+    /// checksums are recorded and that no one is fetching already: then from one ranged GET
+    /// of the pieces they touch, verified, without waiting for the rest of the blob.
+    /// `Ok(None)` means "fetch the blob instead" (present, being fetched, spanning two
+    /// blobs, or recorded without piece checksums). Blocks the calling (non-async) thread.
+    pub fn read_range(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) -> Result<Option<Bytes>> {
+        let this = Arc::clone(self);
+        self.runtime
+            .block_on(async move { this.read_range_async(ino, offset, len).await })
+    }
+
+    async fn read_range_async(
+        self: &Arc<Self>,
+        ino: Ino,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Bytes>> {
+        let k = offset / BLOB_SIZE;
+        if len == 0
+            || (offset + len - 1) / BLOB_SIZE != k
+            || self.inflight.lock().contains_key(&(ino, k))
+        {
+            return Ok(None);
+        }
+        let Some(generation) = self
+            .meta
+            .evicted_of(ino)
+            .map_err(meta_err)?
+            .into_iter()
+            .find_map(|(e, g)| (e == k).then_some(g))
+        else {
+            return Ok(None);
+        };
+        let Some(record) = self
+            .meta
+            .blobs_of(ino)
+            .map_err(meta_err)?
+            .into_iter()
+            .find(|b| b.k == k && b.generation == generation)
+        else {
+            return Ok(None);
+        };
+        let piece = cfs_meta::BLOB_CHUNK;
+        let at = offset - k * BLOB_SIZE;
+        let end = at + len;
+        if record.chunks.len() as u64 != record.len.div_ceil(piece) || end > record.len {
+            return Ok(None);
+        }
+        let (first, last) = (at / piece, (end - 1) / piece);
+        let start = first * piece;
+        let stop = ((last + 1) * piece).min(record.len);
+        let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
+        let crcs = &record.chunks[first as usize..=last as usize];
+        let body = match self
+            .store
+            .get_range_verified(&key, start..stop, piece, crcs)
+            .await
+        {
+            Ok(b) => b,
+            Err(e @ TierError::Corrupt { .. }) => {
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(ino, k, key = %key, bytes = ?(start..stop), error = %e, "corrupt object in the store: the read fails with EIO");
+                return Err(e);
+            }
+            Err(e) => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        self.stats.ranged_reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .ranged_bytes
+            .fetch_add(stop - start, Ordering::Relaxed);
+        let again = {
+            let mut touched = self.touched.lock();
+            if touched.len() >= TOUCHED_MAX {
+                touched.clear();
+            }
+            let n = touched.entry((ino, k)).or_default();
+            *n += 1;
+            let again = *n >= TOUCHES_BEFORE_FETCH;
+            if again {
+                touched.remove(&(ino, k));
+            }
+            again
+        };
+        if again {
+            self.prefetch(ino, k);
+        }
+        Ok(Some(
+            body.slice((at - start) as usize..(end - start) as usize),
+        ))
     }
 
     pub async fn hydrate(self: Arc<Self>, ino: Ino, k: u64) -> Result<()> {

@@ -244,8 +244,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn shipped_log_reads_back_and_old_segments_go_after_a_checkpoint() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (meta, _) = MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0)
-            .expect("meta");
+        let (meta, _) =
+            MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0).expect("meta");
         let meta = Arc::new(meta);
         let mem = Arc::new(object_store::memory::InMemory::new());
         let store = BlobStore::new(mem, "pre").expect("store");
@@ -258,7 +258,10 @@ mod tests {
         assert_eq!(shipper.ship().await.expect("ship"), 5);
         assert_eq!(shipper.ship().await.expect("ship again"), 0);
         let all = fetch_log(&store, &fs, 1, 0, |_| {}).await.expect("fetch");
-        assert_eq!(all.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(
+            all.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
 
         let ckpt = meta.export_checkpoint().expect("export");
         assert_eq!((ckpt.op_seq, ckpt.log_next), (5, 6));
@@ -271,7 +274,12 @@ mod tests {
             1,
             "the first segment is covered by the checkpoint"
         );
-        assert!(fetch_log(&store, &fs, 1, 0, |_| {}).await.expect("fetch").is_empty());
+        assert!(
+            fetch_log(&store, &fs, 1, 0, |_| {})
+                .await
+                .expect("fetch")
+                .is_empty()
+        );
         let mut seen = 0;
         let after = fetch_log(&store, &fs, ckpt.log_next, ckpt.op_seq, |n| seen += n)
             .await
@@ -287,7 +295,9 @@ mod tests {
         let mut body = store.get(&key).await.expect("get").to_vec();
         body[30] ^= 0xff;
         store.put(&key, Bytes::from(body)).await.expect("put");
-        let err = fetch_log(&store, &fs, 6, 5, |_| {}).await.expect_err("damage accepted");
+        let err = fetch_log(&store, &fs, 6, 5, |_| {})
+            .await
+            .expect_err("damage accepted");
         assert!(err.to_string().contains("meta/log/"), "{err}");
     }
 }

@@ -413,10 +413,18 @@ impl Uploader {
                     })?;
                 let range = blob_range(k, size);
                 let data = read_blob(&self.blob_io, file, range).await?;
-                let crc = crc32c::crc32c(&data);
+                let (crc, chunks) = checksums(&data);
                 let current = recorded.iter().find(|b| b.k == k);
-                if current.is_some_and(|b| b.len == data.len() as u64 && b.crc32c == crc) {
-                    return Ok(None);
+                if let Some(b) = current
+                    && b.len == data.len() as u64
+                    && b.crc32c == crc
+                {
+                    // Unchanged. A blob recorded before piece checksums existed gets them
+                    // now, without a new upload: the object is these very bytes.
+                    return Ok(b.chunks.is_empty().then(|| BlobRecord {
+                        chunks,
+                        ..b.clone()
+                    }));
                 }
                 let generation = current.map_or(1, |b| b.generation + 1);
                 let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
@@ -429,6 +437,7 @@ impl Uploader {
                     generation,
                     len,
                     crc32c: crc,
+                    chunks,
                 }))
             }
         })
@@ -649,5 +658,39 @@ fn io_err(e: std::io::Error) -> TierError {
     TierError::Other {
         context: "flash".into(),
         source: Box::new(e),
+    }
+}
+/// The crc32c of a blob, and of each [`cfs_meta::BLOB_CHUNK`] of it, in one pass: the
+/// whole is combined from the pieces rather than read a second time.
+fn checksums(data: &[u8]) -> (u32, Vec<u32>) {
+    let mut whole = 0;
+    let chunks = data
+        .chunks(cfs_meta::BLOB_CHUNK as usize)
+        .map(|piece| {
+            let crc = crc32c::crc32c(piece);
+            whole = crc32c::crc32c_combine(whole, crc, piece.len());
+            crc
+        })
+        .collect();
+    (whole, chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checksums;
+
+    #[test]
+    fn piece_checksums_combine_to_the_whole() {
+        let piece = cfs_meta::BLOB_CHUNK as usize;
+        for len in [0, 1, piece - 1, piece, piece + 1, 5 * piece / 2] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 131 % 251) as u8).collect();
+            let (whole, pieces) = checksums(&data);
+            assert_eq!(whole, crc32c::crc32c(&data), "{len} bytes");
+            assert_eq!(pieces.len(), len.div_ceil(piece));
+            for (i, crc) in pieces.iter().enumerate() {
+                let end = ((i + 1) * piece).min(len);
+                assert_eq!(*crc, crc32c::crc32c(&data[i * piece..end]));
+            }
+        }
     }
 }
