@@ -54,7 +54,8 @@ pub struct UploadCounters {
     pub objects_deleted: u64,
     pub errors: u64,
     pub files_in_flight: u64,
-    /// Files the tiered mode holds on flash until they reach the flush age.
+    /// Files held back on flash for now: younger than the tiered mode's flush age, or small
+    /// files waiting for a quiet moment while data keeps changing.
     pub files_held: u64,
     /// Metadata checkpoints published to the object store since the mount started (what
     /// `cfs repair --from-s3` rebuilds from), and failed attempts.

@@ -58,7 +58,7 @@ struct Hooks {
 
 impl cfs_fuse::TierHooks for Hooks {
     fn data_changed(&self, _ino: u64) {
-        self.kick.kick();
+        self.kick.changed();
     }
     fn hydrate(&self, ino: u64, k: u64) -> std::io::Result<()> {
         self.hydrator

@@ -15,49 +15,65 @@ use std::collections::HashMap;
 /// Largest xattr value accepted, the kernel's own limit.
 pub const XATTR_SIZE_MAX: usize = 65_536;
 
-/// The open tables of one write transaction, plus the inodes it has touched. Inodes are read
-/// once and written back once at the end, so an operation that touches the same directory
-/// twice (a rename within one directory) cannot lose one of the two updates.
-pub(crate) struct Tx<'t> {
-    inodes: Table<'t, u64, &'static [u8]>,
-    dentries: Table<'t, (u64, &'static [u8]), (u64, u64, u8)>,
-    listing: Table<'t, (u64, u64), &'static [u8]>,
-    xattrs: Table<'t, (u64, &'static [u8]), &'static [u8]>,
-    orphans: Table<'t, u64, ()>,
-    sup: Table<'t, &'static str, &'static [u8]>,
-    pub(crate) blobs: Table<'t, (u64, u64), (u64, u64, u32)>,
-    pub(crate) chunks: Table<'t, (u64, u64), &'static [u8]>,
-    pub(crate) dirty: Table<'t, u64, ()>,
-    pub(crate) deletes: Table<'t, (u64, u64, u64), ()>,
-    pub(crate) evicted: Table<'t, (u64, u64), u64>,
-    touched: HashMap<Ino, Inode>,
-    deleted: Vec<Ino>,
+/// Declares [`Tx`] with one lazily opened table per line, and `fn name(&mut self) ->
+/// Result<&mut Table>` for each: the table, opened on first use.
+macro_rules! lazy_tables {
+    ($($name:ident: $def:expr => $k:ty, $v:ty;)*) => {
+        /// The tables of one write transaction, opened on first use (opening one costs about as
+        /// much as changing one, and most operations touch two or three of the eleven), plus the
+        /// inodes it has touched. Inodes are read once and written back once at the end, so an
+        /// operation that touches the same directory twice (a rename within one directory) cannot
+        /// lose one of the two updates.
+        pub(crate) struct Tx<'t> {
+            txn: &'t WriteTransaction,
+            $($name: Option<Table<'t, $k, $v>>,)*
+            touched: HashMap<Ino, Inode>,
+            deleted: Vec<Ino>,
+        }
+
+        impl<'t> Tx<'t> {
+            pub(crate) fn open(txn: &'t WriteTransaction) -> Result<Tx<'t>> {
+                Ok(Tx {
+                    txn,
+                    $($name: None,)*
+                    touched: HashMap::new(),
+                    deleted: Vec::new(),
+                })
+            }
+
+            $(
+                pub(crate) fn $name(&mut self) -> Result<&mut Table<'t, $k, $v>> {
+                    match &mut self.$name {
+                        Some(t) => Ok(t),
+                        slot @ None => Ok(slot.insert(self.txn.open_table($def)?)),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+lazy_tables! {
+    inodes: INODES => u64, &'static [u8];
+    dentries: DENTRIES => (u64, &'static [u8]), (u64, u64, u8);
+    listing: LISTING => (u64, u64), &'static [u8];
+    xattrs: XATTRS => (u64, &'static [u8]), &'static [u8];
+    orphans: ORPHANS => u64, ();
+    sup: SUPER => &'static str, &'static [u8];
+    blobs: BLOBS => (u64, u64), (u64, u64, u32);
+    chunks: CHUNKS => (u64, u64), &'static [u8];
+    dirty: DIRTY => u64, ();
+    deletes: DELETES => (u64, u64, u64), ();
+    evicted: EVICTED => (u64, u64), u64;
 }
 
 impl<'t> Tx<'t> {
-    pub(crate) fn open(txn: &'t WriteTransaction) -> Result<Tx<'t>> {
-        Ok(Tx {
-            inodes: txn.open_table(INODES)?,
-            dentries: txn.open_table(DENTRIES)?,
-            listing: txn.open_table(LISTING)?,
-            xattrs: txn.open_table(XATTRS)?,
-            orphans: txn.open_table(ORPHANS)?,
-            sup: txn.open_table(SUPER)?,
-            blobs: txn.open_table(BLOBS)?,
-            chunks: txn.open_table(CHUNKS)?,
-            dirty: txn.open_table(DIRTY)?,
-            deletes: txn.open_table(DELETES)?,
-            evicted: txn.open_table(EVICTED)?,
-            touched: HashMap::new(),
-            deleted: Vec::new(),
-        })
-    }
-
     /// Writes back every touched inode. Must be called before the transaction commits.
     pub(crate) fn finish(mut self) -> Result<()> {
         for (ino, inode) in std::mem::take(&mut self.touched) {
             if !self.deleted.contains(&ino) {
-                self.inodes.insert(ino, encode_inode(&inode)?.as_slice())?;
+                self.inodes()?
+                    .insert(ino, encode_inode(&inode)?.as_slice())?;
             }
         }
         Ok(())
@@ -65,7 +81,7 @@ impl<'t> Tx<'t> {
 
     pub(crate) fn inode(&mut self, ino: Ino) -> Result<&mut Inode> {
         if !self.touched.contains_key(&ino) {
-            let inode = match self.inodes.get(ino)? {
+            let inode = match self.inodes()?.get(ino)? {
                 Some(bytes) => decode_inode(ino, bytes.value())?,
                 None => return Err(MetaError::NotFound),
             };
@@ -86,8 +102,8 @@ impl<'t> Tx<'t> {
         Ok(dir)
     }
 
-    fn entry(&self, parent: Ino, name: &[u8]) -> Result<Option<(Ino, u64, FileKind)>> {
-        Ok(match self.dentries.get((parent, name))? {
+    fn entry(&mut self, parent: Ino, name: &[u8]) -> Result<Option<(Ino, u64, FileKind)>> {
+        Ok(match self.dentries()?.get((parent, name))? {
             Some(v) => {
                 let (ino, cookie, kind) = v.value();
                 let kind = FileKind::from_u8(kind)
@@ -102,29 +118,29 @@ impl<'t> Tx<'t> {
         let dir = self.inode(parent)?;
         let cookie = dir.next_cookie;
         dir.next_cookie += 1;
-        self.dentries
+        self.dentries()?
             .insert((parent, name), (ino, cookie, kind.to_u8()))?;
-        self.listing
+        self.listing()?
             .insert((parent, cookie), encode_listing(ino, kind, name).as_slice())?;
         Ok(cookie)
     }
 
     fn remove_entry(&mut self, parent: Ino, name: &[u8], cookie: u64) -> Result<()> {
-        self.dentries.remove((parent, name))?;
-        self.listing.remove((parent, cookie))?;
+        self.dentries()?.remove((parent, name))?;
+        self.listing()?.remove((parent, cookie))?;
         Ok(())
     }
 
-    fn is_empty_dir(&self, ino: Ino) -> Result<bool> {
+    fn is_empty_dir(&mut self, ino: Ino) -> Result<bool> {
         Ok(self
-            .listing
+            .listing()?
             .range((ino, 0)..=(ino, u64::MAX))?
             .next()
             .is_none())
     }
 
-    fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.xattrs.get((ino, name))?.map(|v| v.value().to_vec()))
+    fn xattr(&mut self, ino: Ino, name: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.xattrs()?.get((ino, name))?.map(|v| v.value().to_vec()))
     }
 
     fn touch_dir(&mut self, ino: Ino, now: Timestamp) -> Result<()> {
@@ -144,7 +160,7 @@ impl<'t> Tx<'t> {
         };
         inode.ctime = now;
         if inode.nlink == 0 {
-            self.orphans.insert(ino, ())?;
+            self.orphans()?.insert(ino, ())?;
             return Ok(Some(ino));
         }
         Ok(None)
@@ -207,7 +223,7 @@ impl<'t> Tx<'t> {
                 now,
             } => self.setxattr(*ino, name, value, *mode, caller, *now),
             Op::RemoveXattr { ino, name, now } => {
-                if self.xattrs.remove((*ino, name.as_slice()))?.is_none() {
+                if self.xattrs()?.remove((*ino, name.as_slice()))?.is_none() {
                     return Err(MetaError::NoXattr);
                 }
                 let inode = self.inode(*ino)?;
@@ -233,7 +249,7 @@ impl<'t> Tx<'t> {
             Op::Purge { ino } => self.purge(*ino),
             Op::MarkDirty { ino } => {
                 self.inode(*ino)?;
-                self.dirty.insert(*ino, ())?;
+                self.dirty()?.insert(*ino, ())?;
                 Ok(Outcome::Done)
             }
             Op::CommitBlobs {
@@ -244,15 +260,15 @@ impl<'t> Tx<'t> {
             } => self.commit_blobs(*ino, blobs, *blob_count, *clean),
             Op::BlobsDeleted { blobs } => {
                 for b in blobs {
-                    self.deletes.remove(*b)?;
+                    self.deletes()?.remove(*b)?;
                 }
                 Ok(Outcome::Done)
             }
             Op::Evict { ino, blobs } => self.evict(*ino, blobs),
             Op::Hydrated { ino, k, generation } => {
-                let current = self.evicted.get((*ino, *k))?.map(|g| g.value());
+                let current = self.evicted()?.get((*ino, *k))?.map(|g| g.value());
                 if current == Some(*generation) {
-                    self.evicted.remove((*ino, *k))?;
+                    self.evicted()?.remove((*ino, *k))?;
                 }
                 Ok(Outcome::Done)
             }
@@ -279,7 +295,7 @@ impl<'t> Tx<'t> {
         if self.entry(parent, name)?.is_some() {
             return Err(MetaError::Exists);
         }
-        if self.inodes.get(ino)?.is_some() {
+        if self.inodes()?.get(ino)?.is_some() {
             return Err(MetaError::Invalid("inode number already in use"));
         }
         let setgid_dir = dir_perm & S_ISGID != 0;
@@ -337,17 +353,18 @@ impl<'t> Tx<'t> {
             target: target.to_vec(),
         };
         if let Some(acl) = access_acl {
-            self.xattrs
+            self.xattrs()?
                 .insert((ino, acl::ACCESS_XATTR), acl.as_slice())?;
         }
         if matches!(kind, FileKind::File | FileKind::Dir)
             && let Some(policy) = self.xattr(parent, TIER_XATTR)?
         {
-            self.xattrs.insert((ino, TIER_XATTR), policy.as_slice())?;
+            self.xattrs()?
+                .insert((ino, TIER_XATTR), policy.as_slice())?;
         }
         if kind == FileKind::Dir {
             if let Some(def) = &default_acl {
-                self.xattrs
+                self.xattrs()?
                     .insert((ino, acl::DEFAULT_XATTR), def.encode().as_slice())?;
             }
             self.inode(parent)?.nlink += 1;
@@ -356,12 +373,12 @@ impl<'t> Tx<'t> {
         self.add_entry(parent, name, ino, kind)?;
         self.touch_dir(parent, now)?;
         let next = self
-            .sup
+            .sup()?
             .get(KEY_NEXT_INO)?
             .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
             .unwrap_or(ROOT_INO + 1);
         if ino >= next {
-            self.sup
+            self.sup()?
                 .insert(KEY_NEXT_INO, (ino + 1).to_le_bytes().as_slice())?;
         }
         Ok(Outcome::Inode(inode))
@@ -389,7 +406,7 @@ impl<'t> Tx<'t> {
         inode.ctime = now;
         self.add_entry(parent, name, ino, kind)?;
         self.touch_dir(parent, now)?;
-        self.orphans.remove(ino)?;
+        self.orphans()?.remove(ino)?;
         Ok(Outcome::Inode(self.inode(ino)?.clone()))
     }
 
@@ -452,15 +469,15 @@ impl<'t> Tx<'t> {
                 }
                 // Each entry keeps its place in its directory's listing; only what it names
                 // changes.
-                self.dentries
+                self.dentries()?
                     .insert((parent, name), (dst_ino, src_cookie, dst_kind.to_u8()))?;
-                self.listing.insert(
+                self.listing()?.insert(
                     (parent, src_cookie),
                     encode_listing(dst_ino, dst_kind, name).as_slice(),
                 )?;
-                self.dentries
+                self.dentries()?
                     .insert((new_parent, new_name), (src, dst_cookie, src_kind.to_u8()))?;
-                self.listing.insert(
+                self.listing()?.insert(
                     (new_parent, dst_cookie),
                     encode_listing(src, src_kind, new_name).as_slice(),
                 )?;
@@ -553,7 +570,7 @@ impl<'t> Tx<'t> {
             if let Some(bytes) = self.xattr(ino, acl::ACCESS_XATTR)? {
                 let mut acl = Acl::parse(&bytes)?;
                 acl.chmod(perm);
-                self.xattrs
+                self.xattrs()?
                     .insert((ino, acl::ACCESS_XATTR), acl.encode().as_slice())?;
             }
         }
@@ -579,7 +596,7 @@ impl<'t> Tx<'t> {
             return Err(MetaError::XattrRange);
         }
         self.inode(ino)?;
-        let exists = self.xattrs.get((ino, name))?.is_some();
+        let exists = self.xattrs()?.get((ino, name))?.is_some();
         match (mode, exists) {
             (XattrMode::Create, true) => return Err(MetaError::Exists),
             (XattrMode::Replace, false) => return Err(MetaError::NoXattr),
@@ -595,7 +612,7 @@ impl<'t> Tx<'t> {
             }
             if parsed.is_minimal() {
                 store = false;
-                self.xattrs.remove((ino, name))?;
+                self.xattrs()?.remove((ino, name))?;
             }
         } else if name == acl::DEFAULT_XATTR {
             if self.inode(ino)?.kind != FileKind::Dir {
@@ -604,7 +621,7 @@ impl<'t> Tx<'t> {
             Acl::parse(value)?;
         }
         if store {
-            self.xattrs.insert((ino, name), value)?;
+            self.xattrs()?.insert((ino, name), value)?;
         }
         let inode = self.inode(ino)?;
         inode.ctime = now;
@@ -617,10 +634,10 @@ impl<'t> Tx<'t> {
             Ok(_) | Err(MetaError::NotFound) => return Ok(Outcome::Purged(None)),
             Err(e) => return Err(e),
         };
-        self.inodes.remove(ino)?;
-        self.orphans.remove(ino)?;
+        self.inodes()?.remove(ino)?;
+        self.orphans()?.remove(ino)?;
         let names: Vec<Vec<u8>> = self
-            .xattrs
+            .xattrs()?
             .range((ino, &[][..])..)?
             .map_while(|r| match r {
                 Ok((k, _)) if k.value().0 == ino => Some(Ok(k.value().1.to_vec())),
@@ -629,11 +646,11 @@ impl<'t> Tx<'t> {
             })
             .collect::<Result<_, _>>()?;
         for name in names {
-            self.xattrs.remove((ino, name.as_slice()))?;
+            self.xattrs()?.remove((ino, name.as_slice()))?;
         }
         // Its objects go to the delete queue; the uploader DELETEs them.
         self.retire_blobs(ino, 0)?;
-        self.dirty.remove(ino)?;
+        self.dirty()?.remove(ino)?;
         self.touched.remove(&ino);
         self.deleted.push(ino);
         Ok(Outcome::Purged(Some(inode)))

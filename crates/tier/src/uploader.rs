@@ -46,8 +46,8 @@ pub struct UploadStats {
     /// Unix seconds at which the oldest file still on the upload queue was first seen there
     /// by this mount (0: queue empty).
     pub oldest_dirty_since: AtomicU64,
-    /// Files the tiered mode left on flash in the last pass because they are younger than
-    /// the flush age.
+    /// Files the last pass left queued on purpose: younger than the tiered mode's flush age,
+    /// or small files held while the filesystem is busy.
     pub files_held: AtomicU64,
     /// Metadata checkpoints published since the mount started, and failed attempts.
     pub checkpoints_published: AtomicU64,
@@ -75,13 +75,50 @@ pub type CleanHook = Arc<dyn Fn(Ino) + Send + Sync>;
 
 /// Wakes the uploader; cheap to clone and call from the FUSE threads.
 #[derive(Clone, Debug, Default)]
-pub struct UploadKick(Arc<Notify>);
+pub struct UploadKick(Arc<KickState>);
+
+#[derive(Debug, Default)]
+struct KickState {
+    notify: Notify,
+    /// When data last changed, in [`mono_ms`]; 0: never.
+    last_change_ms: AtomicU64,
+}
+
+/// Milliseconds on a monotonic clock that starts at 1 the first time it is read.
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
 
 impl UploadKick {
+    /// Wakes the uploader.
     pub fn kick(&self) {
-        self.0.notify_one();
+        self.0.notify.notify_one();
+    }
+
+    /// Data changed on flash: wakes the uploader, and notes that the filesystem is busy
+    /// (small files then wait for a quiet moment; see [`Uploader`]'s `select`).
+    pub fn changed(&self) {
+        self.0.last_change_ms.store(mono_ms(), Ordering::Relaxed);
+        self.kick();
+    }
+
+    /// Whether data changed within the last `quiet`.
+    fn busy(&self, quiet: Duration) -> bool {
+        let last = self.0.last_change_ms.load(Ordering::Relaxed);
+        last != 0 && mono_ms().saturating_sub(last) < quiet.as_millis() as u64
     }
 }
+
+/// While data keeps changing (a `tar`, a build, a `git checkout`), files smaller than a blob
+/// wait until it has been quiet this long, so that their uploads (reads, checksums, a PUT
+/// and a metadata commit each) do not compete with the work that writes them...
+const BUSY_QUIET: Duration = Duration::from_secs(1);
+/// ...but never longer than this after they were queued, so the store stays close behind.
+/// Files of a blob or more, and everything under flash pressure, go at once.
+const BUSY_MAX_DEFER: Duration = Duration::from_secs(10);
+/// The least time between two passes while files are held back.
+const HELD_PASS_GAP: Duration = Duration::from_millis(250);
 
 pub struct Uploader {
     meta: Arc<MetaStore>,
@@ -229,13 +266,16 @@ impl Uploader {
         self
     }
 
-    /// Of the queued files, those to upload now: all of them in cache mode; in tiered mode
-    /// the ones queued for longer than the flush age, pinned to `s3`, or all under pressure.
+    /// Of the queued files, those to upload now. Under flash pressure, all of them.
+    /// Otherwise, in tiered mode, those queued for longer than the flush age or pinned to
+    /// `s3`; in cache mode, all; and of those, while data keeps changing, only files of a
+    /// blob or more and files held for [`BUSY_MAX_DEFER`] already.
     fn select(&self, dirty: Vec<Ino>) -> Vec<Ino> {
         let now = Instant::now();
         let unix_now = unix_secs();
         let mut seen = self.first_seen.lock();
-        seen.retain(|ino, _| dirty.contains(ino));
+        let queued: HashSet<Ino> = dirty.iter().copied().collect();
+        seen.retain(|ino, _| queued.contains(ino));
         for &ino in &dirty {
             seen.entry(ino).or_insert((now, unix_now));
         }
@@ -243,15 +283,26 @@ impl Uploader {
         self.stats
             .oldest_dirty_since
             .store(oldest, Ordering::Relaxed);
-        if !self.policy.tiered || self.policy.pressure.load(Ordering::Relaxed) {
+        if self.policy.pressure.load(Ordering::Relaxed) {
             self.stats.files_held.store(0, Ordering::Relaxed);
             return dirty;
         }
+        let busy = self.kick.busy(BUSY_QUIET);
+        let age = |ino: &Ino| {
+            seen.get(ino)
+                .map_or(Duration::ZERO, |(t, _)| now.duration_since(*t))
+        };
         let (now_due, held): (Vec<Ino>, Vec<Ino>) = dirty.into_iter().partition(|ino| {
-            let aged = seen
-                .get(ino)
-                .is_some_and(|(t, _)| now.duration_since(*t) >= self.policy.flush_age);
-            aged || self.tier_policy(*ino).as_deref() == Some("s3")
+            let age = age(ino);
+            if self.policy.tiered
+                && age < self.policy.flush_age
+                && self.tier_policy(*ino).as_deref() != Some("s3")
+            {
+                return false;
+            }
+            !busy
+                || age >= BUSY_MAX_DEFER
+                || self.meta.inode(*ino).is_ok_and(|i| i.size >= BLOB_SIZE)
         });
         self.stats
             .files_held
@@ -286,8 +337,13 @@ impl Uploader {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "upload pass failed; retrying later");
             }
+            if self.stats.files_held.load(Ordering::Relaxed) > 0 {
+                // Files are held back; the kicks of a busy filesystem must not turn into a
+                // pass per change that only finds them held again.
+                tokio::time::sleep(HELD_PASS_GAP).await;
+            }
             tokio::select! {
-                _ = self.kick.0.notified() => {}
+                _ = self.kick.0.notify.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
                 Some(req) = finish_rx.recv() => {
                     let report = self.finish(req.deadline).await;
