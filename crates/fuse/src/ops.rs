@@ -229,7 +229,8 @@ impl ClaudeFs {
                 }
             }
         }
-        self.ensure_present(h.ino, offset..end)?;
+        // The next blobs are asked for before this read waits for its own, so that the
+        // first read of a file already has the pipeline filling behind it.
         let next = end.div_ceil(crate::BLOB_SIZE);
         if sequential
             && h.prefetched.swap(next + 1, Ordering::Relaxed) != next + 1
@@ -239,6 +240,7 @@ impl ClaudeFs {
                 tier.prefetch(h.ino, k);
             }
         }
+        self.ensure_present(h.ino, offset..end)?;
         Ok(None)
     }
 
