@@ -258,14 +258,15 @@ fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> 
 }
 
 /// Makes metadata durable at least once a second, bounding what a crash can lose to about
-/// one second of changes that nobody fsynced, as a journalling filesystem does.
+/// one second of changes that nobody fsynced, as a journalling filesystem does. Only
+/// changes to the filesystem count ([`cfs_meta::MetaStore::has_unsynced_changes`]).
 fn spawn_flusher(meta: Arc<cfs_meta::MetaStore>) {
     let spawned = std::thread::Builder::new()
         .name("cfs-flusher".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                if meta.has_unsynced()
+                if meta.has_unsynced_changes()
                     && let Err(e) = meta.sync()
                 {
                     tracing::error!(error = %e, "periodic metadata sync failed");

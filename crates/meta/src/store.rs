@@ -299,6 +299,15 @@ impl MetaStore {
         self.durable.load(Ordering::Acquire) < self.committed.load(Ordering::Acquire)
     }
 
+    /// True if a change to the filesystem (a logged operation) is not yet durable. This
+    /// node's own bookkeeping (blobs fetched back, log trims) is left out: losing it in a
+    /// crash costs a second download or a second PUT, never data, so a periodic sync need
+    /// not pay for it, and in particular need not fdatasync blobs being fetched back (see
+    /// [`DataBarrier`]) while a large cold read streams in.
+    pub fn has_unsynced_changes(&self) -> bool {
+        self.durable_seq.load(Ordering::Acquire) < self.applied_seq.load(Ordering::Acquire)
+    }
+
     pub fn inode(&self, ino: Ino) -> Result<Inode> {
         let read = self.db.begin_read()?;
         let table = read.open_table(INODES)?;

@@ -87,8 +87,10 @@ impl LogShipper {
     /// Returns how many operations went up. On error the unshipped rest stays in the log
     /// and the next call starts again from it.
     pub async fn ship(&self) -> Result<u64> {
-        let meta = Arc::clone(&self.meta);
-        blocking(move || meta.sync()).await?;
+        if self.meta.has_unsynced_changes() {
+            let meta = Arc::clone(&self.meta);
+            blocking(move || meta.sync()).await?;
+        }
         let upto = self.meta.log_durable_seq();
         let mut shipped = 0;
         loop {
