@@ -23,30 +23,19 @@ const BLOB: u64 = 64 << 20;
 /// Waits until `blobs` blobs are stored, nothing is queued, and a published checkpoint
 /// covers every metadata change.
 fn wait_checkpointed(m: &Mount, blobs: u64) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let s = status(m);
-        if u(&s["tier"]["blobs_stored"]) == blobs
+    wait_for(m, "checkpoint of the flushed tree", |s| {
+        u(&s["tier"]["blobs_stored"]) == blobs
             && u(&s["tier"]["files_dirty"]) == 0
             && u(&s["tier"]["deletes_pending"]) == 0
             && u(&s["uploads"]["files_in_flight"]) == 0
             && u(&s["uploads"]["checkpoints_published"]) > 0
             && s["uploads"]["checkpoint_behind"] == false
-        {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint of the flushed tree: {s:#}\n{}",
-            m.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    })
 }
 
 /// Waits until `cfs status --json` satisfies `ok`, and returns it.
 fn wait_for(m: &Mount, what: &str, ok: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let s = status(m);
         if ok(&s) {

@@ -136,24 +136,10 @@ impl Hydrator {
         {
             return Ok(None);
         }
-        let Some(generation) = self
-            .meta
-            .evicted_of(ino)
-            .map_err(meta_err)?
-            .into_iter()
-            .find_map(|(e, g)| (e == k).then_some(g))
-        else {
+        let Some(record) = self.evicted_record(ino, k)? else {
             return Ok(None);
         };
-        let Some(record) = self
-            .meta
-            .blobs_of(ino)
-            .map_err(meta_err)?
-            .into_iter()
-            .find(|b| b.k == k && b.generation == generation)
-        else {
-            return Ok(None);
-        };
+        let generation = record.generation;
         let piece = cfs_meta::BLOB_CHUNK;
         let at = offset - k * BLOB_SIZE;
         let end = at + len;
@@ -231,7 +217,9 @@ impl Hydrator {
         result
     }
 
-    async fn hydrate_locked(&self, ino: Ino, k: u64) -> Result<()> {
+    /// The record of blob `k` of `ino` if it is evicted: `None` if it is on flash. An
+    /// evicted generation that metadata does not record is an error.
+    fn evicted_record(&self, ino: Ino, k: u64) -> Result<Option<cfs_meta::BlobRecord>> {
         let Some(generation) = self
             .meta
             .evicted_of(ino)
@@ -239,20 +227,27 @@ impl Hydrator {
             .into_iter()
             .find_map(|(e, g)| (e == k).then_some(g))
         else {
-            return Ok(());
+            return Ok(None);
         };
-        let record = self
-            .meta
+        self.meta
             .blobs_of(ino)
             .map_err(meta_err)?
             .into_iter()
             .find(|b| b.k == k && b.generation == generation)
+            .map(Some)
             .ok_or_else(|| {
                 TierError::Invalid(format!(
                     "blob {k} of inode {ino} is marked evicted at generation {generation}, \
                      which metadata does not record"
                 ))
-            })?;
+            })
+    }
+
+    async fn hydrate_locked(&self, ino: Ino, k: u64) -> Result<()> {
+        let Some(record) = self.evicted_record(ino, k)? else {
+            return Ok(());
+        };
+        let generation = record.generation;
         let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
         let started = Instant::now();
         let data = match self
