@@ -32,7 +32,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Check every metadata invariant of an unmounted data dir, and optionally repair.
     Fsck(FsckArgs),
-    /// Rebuild a filesystem into a new data dir from its object store alone.
+    /// Rebuild a filesystem into a new data dir from its object store alone: the newest
+    /// metadata checkpoint, then the operation log after it, replayed.
     Repair(RepairArgs),
     /// Measure metadata and small-file rates in a directory (native or a mount). The full
     /// comparison with fio and other filesystems is scripts/bench.
@@ -129,6 +130,8 @@ pub struct MountArgs {
 
     /// How often the metadata checkpoint is written to the object store (at
     /// <fs-id>/meta/HEAD), in seconds, when metadata changed. Also written at a clean unmount.
+    /// Between checkpoints the operation log goes to the store every second, so a repair
+    /// loses about a second of metadata, whatever this interval.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     pub checkpoint_interval: u64,
 }
