@@ -53,15 +53,22 @@ fn log_base(sup: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<u64
         .unwrap_or(0))
 }
 
-fn last_key(log: &impl ReadableTable<u64, &'static [u8]>) -> Result<Option<u64>> {
-    Ok(log.last()?.map(|(k, _)| k.value()))
+/// The newest logged operation: the log's last entry, or, when everything was shipped (or
+/// the store was imported), the base the log was trimmed to. Entries always lie above the
+/// base, so the base is read only when the log is empty.
+fn last_seq(
+    log: &impl ReadableTable<u64, &'static [u8]>,
+    sup: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<u64> {
+    match log.last()? {
+        Some((k, _)) => Ok(k.value()),
+        None => log_base(sup),
+    }
 }
 
 /// The newest logged operation's sequence number, as a read transaction sees it.
 pub(crate) fn last_seq_read(read: &ReadTransaction) -> Result<u64> {
-    let sup = read.open_table(SUPER)?;
-    let log = read.open_table(OPLOG)?;
-    Ok(last_key(&log)?.unwrap_or(0).max(log_base(&sup)?))
+    last_seq(&read.open_table(OPLOG)?, &read.open_table(SUPER)?)
 }
 
 /// What a checkpoint taken in `read` covers of the log: the last sequence number in it, and
@@ -81,8 +88,12 @@ pub(crate) fn record(txn: &WriteTransaction, op: &Op, replay: Option<u64>) -> Re
         return Ok(None);
     }
     let mut log: Table<u64, &[u8]> = txn.open_table(OPLOG)?;
-    let mut sup = txn.open_table(SUPER)?;
-    let last = last_key(&log)?.unwrap_or(0).max(log_base(&sup)?);
+    // The super table is opened only when it is needed (opening one costs as much as a
+    // change): for the base of an empty log, and for a replay, which moves the base.
+    let last = match log.last()?.map(|(k, _)| k.value()) {
+        Some(last) => last,
+        None => log_base(&txn.open_table(SUPER)?)?,
+    };
     let seq = last + 1;
     match replay {
         None => {
@@ -91,7 +102,8 @@ pub(crate) fn record(txn: &WriteTransaction, op: &Op, replay: Option<u64>) -> Re
             log.insert(seq, bytes.as_slice())?;
         }
         Some(s) if s == seq => {
-            sup.insert(KEY_LOG_BASE, seq.to_le_bytes().as_slice())?;
+            txn.open_table(SUPER)?
+                .insert(KEY_LOG_BASE, seq.to_le_bytes().as_slice())?;
         }
         Some(s) => {
             return Err(MetaError::Store(format!(

@@ -572,6 +572,37 @@ impl MetaStore {
             .collect()
     }
 
+    /// The record of blob `k` of `ino` if that blob is evicted (off flash), by point lookups:
+    /// what a read of one blob needs, without the file's whole blob map. `None` if it is on
+    /// flash. An evicted generation that the blob map does not hold is corruption.
+    pub fn evicted_blob(&self, ino: Ino, k: u64) -> Result<Option<crate::BlobRecord>> {
+        let read = self.db.begin_read()?;
+        let Some(generation) = read.open_table(EVICTED)?.get((ino, k))?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let found = read.open_table(BLOBS)?.get((ino, k))?.map(|v| v.value());
+        let Some((committed, len, crc32c)) = found.filter(|v| v.0 == generation) else {
+            return Err(MetaError::Corrupt(
+                ino,
+                format!(
+                    "blob {k} is marked evicted at generation {generation}, which the blob \
+                     map does not record"
+                ),
+            ));
+        };
+        let chunks = read
+            .open_table(CHUNKS)?
+            .get((ino, k))?
+            .map_or_else(Vec::new, |v| decode_chunks(v.value()));
+        Ok(Some(crate::BlobRecord {
+            k,
+            generation: committed,
+            len,
+            crc32c,
+            chunks,
+        }))
+    }
+
     /// Whether any blob of `ino` is off flash (then its opens go through the daemon).
     pub fn has_evicted(&self, ino: Ino) -> Result<bool> {
         let read = self.db.begin_read()?;

@@ -102,6 +102,27 @@ impl TierError {
 
 pub type Result<T, E = TierError> = std::result::Result<T, E>;
 
+/// A metadata store error, as the tier reports it.
+pub(crate) fn meta_err(e: cfs_meta::MetaError) -> TierError {
+    TierError::Other {
+        context: "metadata".into(),
+        source: Box::new(e),
+    }
+}
+
+/// Runs a blocking metadata call (a redb transaction, a sync) off the async threads.
+pub(crate) async fn blocking_meta<T: Send + 'static>(
+    f: impl FnOnce() -> cfs_meta::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| TierError::Other {
+            context: "metadata task".into(),
+            source: Box::new(e),
+        })?
+        .map_err(meta_err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

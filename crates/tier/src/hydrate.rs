@@ -14,6 +14,7 @@
 //! A corrupt or short object is never written: the caller gets an error (`EIO` to the
 //! application), the log says which key, and the `corrupt` counter goes up.
 
+use crate::error::meta_err;
 use crate::key::{BLOB_SIZE, BlobKey, FsId};
 use crate::{BlobStore, Result, TierError};
 use bytes::Bytes;
@@ -99,8 +100,7 @@ impl Hydrator {
     /// Starts bringing blob `k` back in the background, if it is evicted; for sequential
     /// readers, so that the next blob is on flash by the time they reach it.
     pub fn prefetch(self: &Arc<Self>, ino: Ino, k: u64) {
-        let evicted = matches!(self.meta.evicted_of(ino), Ok(v) if v.iter().any(|&(e, _)| e == k));
-        if !evicted {
+        if !matches!(self.meta.evicted_blob(ino, k), Ok(Some(_))) {
             return;
         }
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
@@ -136,7 +136,7 @@ impl Hydrator {
         {
             return Ok(None);
         }
-        let Some(record) = self.evicted_record(ino, k)? else {
+        let Some(record) = self.meta.evicted_blob(ino, k).map_err(meta_err)? else {
             return Ok(None);
         };
         let generation = record.generation;
@@ -217,34 +217,8 @@ impl Hydrator {
         result
     }
 
-    /// The record of blob `k` of `ino` if it is evicted: `None` if it is on flash. An
-    /// evicted generation that metadata does not record is an error.
-    fn evicted_record(&self, ino: Ino, k: u64) -> Result<Option<cfs_meta::BlobRecord>> {
-        let Some(generation) = self
-            .meta
-            .evicted_of(ino)
-            .map_err(meta_err)?
-            .into_iter()
-            .find_map(|(e, g)| (e == k).then_some(g))
-        else {
-            return Ok(None);
-        };
-        self.meta
-            .blobs_of(ino)
-            .map_err(meta_err)?
-            .into_iter()
-            .find(|b| b.k == k && b.generation == generation)
-            .map(Some)
-            .ok_or_else(|| {
-                TierError::Invalid(format!(
-                    "blob {k} of inode {ino} is marked evicted at generation {generation}, \
-                     which metadata does not record"
-                ))
-            })
-    }
-
     async fn hydrate_locked(&self, ino: Ino, k: u64) -> Result<()> {
-        let Some(record) = self.evicted_record(ino, k)? else {
+        let Some(record) = self.meta.evicted_blob(ino, k).map_err(meta_err)? else {
             return Ok(());
         };
         let generation = record.generation;
@@ -319,13 +293,6 @@ fn write_blob(
     meta.execute(&Op::Hydrated { ino, k, generation })
         .map_err(std::io::Error::other)?;
     Ok(n)
-}
-
-fn meta_err(e: cfs_meta::MetaError) -> TierError {
-    TierError::Other {
-        context: "metadata".into(),
-        source: Box::new(e),
-    }
 }
 
 impl cfs_meta::DataBarrier for Hydrator {

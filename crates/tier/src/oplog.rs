@@ -9,6 +9,7 @@
 //! The segment encoding and the ordering rules (dense numbers, only durable operations) are
 //! `cfs_meta`'s; see its `oplog` module.
 
+use crate::error::blocking_meta;
 use crate::key::{FsId, ObjectKey};
 use crate::{BlobStore, Result, TierError};
 use bytes::Bytes;
@@ -30,26 +31,6 @@ pub struct LogStats {
     pub errors: AtomicU64,
     /// Unix seconds of the last pass that left nothing durable unshipped (0: none yet).
     pub caught_up_unix: AtomicU64,
-}
-
-fn meta_err(e: cfs_meta::MetaError) -> TierError {
-    TierError::Other {
-        context: "metadata store".into(),
-        source: Box::new(e),
-    }
-}
-
-/// Runs a blocking metadata call off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> cfs_meta::Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| TierError::Other {
-            context: "operation log task".into(),
-            source: Box::new(e),
-        })?
-        .map_err(meta_err)
 }
 
 fn unix_secs() -> u64 {
@@ -89,14 +70,14 @@ impl LogShipper {
     pub async fn ship(&self) -> Result<u64> {
         if self.meta.has_unsynced_changes() {
             let meta = Arc::clone(&self.meta);
-            blocking(move || meta.sync()).await?;
+            blocking_meta(move || meta.sync()).await?;
         }
         let upto = self.meta.log_durable_seq();
         let mut shipped = 0;
         loop {
             let meta = Arc::clone(&self.meta);
             let batch =
-                blocking(move || meta.log_pending(upto, SEGMENT_OPS, SEGMENT_BYTES)).await?;
+                blocking_meta(move || meta.log_pending(upto, SEGMENT_OPS, SEGMENT_BYTES)).await?;
             let (Some(&(first, _)), Some(&(last, _))) = (batch.first(), batch.last()) else {
                 break;
             };
@@ -104,7 +85,7 @@ impl LogShipper {
             let key = ObjectKey::log_segment(&self.fs, first);
             self.store.put(&key, Bytes::from(body)).await?;
             let meta = Arc::clone(&self.meta);
-            blocking(move || meta.log_shipped(first, last)).await?;
+            blocking_meta(move || meta.log_shipped(first, last)).await?;
             let n = last - first + 1;
             shipped += n;
             self.stats.segments_shipped.fetch_add(1, Ordering::Relaxed);
@@ -150,7 +131,7 @@ pub async fn drop_segments_before(
     next: u64,
 ) -> u64 {
     let m = Arc::clone(meta);
-    let old = match blocking(move || m.log_segments_before(next)).await {
+    let old = match blocking_meta(move || m.log_segments_before(next)).await {
         Ok(old) => old,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list the shipped log segments");
@@ -171,7 +152,7 @@ pub async fn drop_segments_before(
     let n = gone.len() as u64;
     if n > 0 {
         let m = Arc::clone(meta);
-        if let Err(e) = blocking(move || m.forget_log_segments(&gone)).await {
+        if let Err(e) = blocking_meta(move || m.forget_log_segments(&gone)).await {
             tracing::warn!(error = %e, "cannot record the deleted log segments");
         }
     }

@@ -20,6 +20,7 @@
 //! `cfs repair --from-s3` can rebuild the filesystem from it alone.
 
 use crate::checkpoint::Publisher;
+use crate::error::{blocking_meta, meta_err};
 use crate::key::{BLOB_SIZE, BlobKey, FsId, blob_count, blob_range};
 use crate::{BlobIo, BlobStore, Result, TierError};
 use bytes::Bytes;
@@ -591,13 +592,7 @@ impl Uploader {
     async fn publish(&self, publisher: &mut Publisher) -> Result<(u64, u64, Vec<(Ino, u64, u64)>)> {
         let started = Instant::now();
         let meta = Arc::clone(&self.meta);
-        let ckpt = tokio::task::spawn_blocking(move || meta.export_checkpoint())
-            .await
-            .map_err(|e| TierError::Other {
-                context: "checkpoint export task".into(),
-                source: Box::new(e),
-            })?
-            .map_err(meta_err)?;
+        let ckpt = blocking_meta(move || meta.export_checkpoint()).await?;
         let cfs_meta::Checkpoint {
             bytes,
             change_count,
@@ -611,13 +606,7 @@ impl Uploader {
         // could otherwise take back operations (and log trims) the bucket already shows,
         // and the log this node ships next would contradict the checkpoint.
         let meta = Arc::clone(&self.meta);
-        tokio::task::spawn_blocking(move || meta.sync())
-            .await
-            .map_err(|e| TierError::Other {
-                context: "metadata sync task".into(),
-                source: Box::new(e),
-            })?
-            .map_err(meta_err)?;
+        blocking_meta(move || meta.sync()).await?;
         let len = bytes.len();
         let cut = crate::checkpoint::LogCut {
             op_seq,
@@ -701,13 +690,6 @@ async fn read_blob(
     io.read_at(file, range.start, (range.end - range.start) as usize)
         .await
         .map_err(io_err)
-}
-
-fn meta_err(e: cfs_meta::MetaError) -> TierError {
-    TierError::Other {
-        context: "metadata".into(),
-        source: Box::new(e),
-    }
 }
 
 fn io_err(e: std::io::Error) -> TierError {
