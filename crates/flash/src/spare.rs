@@ -1,0 +1,144 @@
+//! Spare backing files: the emptied backing files of deleted inodes, kept in one directory and
+//! renamed into place by the next creates.
+//!
+//! Why: on ext4 without a journal, allocating an inode skips every free inode of the group
+//! that was freed in the last minute (five while its inode-table block is dirty). Under churn,
+//! such as `tar` after `rm -rf` or a build's temporary files, every create scanned thousands of
+//! them: 400 to 700 µs per create against 18 µs on a quiet filesystem. A rename allocates no
+//! inode. Spares are empty before they are listed, so a crash leaves at worst a spare with
+//! data in it, which the next load empties.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The spares' directory, beside the 256 shards.
+pub(crate) const DIR: &str = "spare";
+
+/// At most this many spares are kept; beyond, deleted backing files are unlinked. Empty files
+/// cost only an inode each.
+const MAX: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub(crate) struct Spares {
+    dir: PathBuf,
+    /// Loaded on first use, so a process that only reads the flash directory (`cfs status`)
+    /// never lists or touches the spares.
+    free: Mutex<Option<Vec<PathBuf>>>,
+    next_name: AtomicU64,
+}
+
+impl Spares {
+    pub(crate) fn new(dir: PathBuf) -> Spares {
+        Spares {
+            dir,
+            free: Mutex::new(None),
+            next_name: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.with_free(|free| Ok(free.len())).unwrap_or(0)
+    }
+
+    /// Renames a spare to `dest` (which must not exist). False if there is no spare.
+    pub(crate) fn take_into(&self, dest: &Path) -> io::Result<bool> {
+        loop {
+            let Some(spare) = self.with_free(|free| Ok(free.pop()))? else {
+                return Ok(false);
+            };
+            match nix::fcntl::renameat2(
+                nix::fcntl::AT_FDCWD,
+                &spare,
+                nix::fcntl::AT_FDCWD,
+                dest,
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => return Ok(true),
+                // Someone else (fsck, an operator) removed it: try the next one.
+                Err(nix::errno::Errno::ENOENT) if fs::symlink_metadata(&spare).is_err() => {}
+                Err(e) => {
+                    self.with_free(|free| {
+                        free.push(spare);
+                        Ok(())
+                    })?;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// Makes `path` an empty spare. False if there are spares enough (the caller unlinks it);
+    /// true also when `path` is already gone.
+    pub(crate) fn keep(&self, path: &Path) -> io::Result<bool> {
+        if self.with_free(|free| Ok(free.len() >= MAX))? {
+            return Ok(false);
+        }
+        let spare = self.dir.join(format!(
+            "{:016x}",
+            self.next_name.fetch_add(1, Ordering::Relaxed)
+        ));
+        match fs::rename(path, &spare) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        // Emptied outside the lock: freeing a large file's blocks takes a while.
+        if let Err(e) = empty(&spare) {
+            let _ = fs::remove_file(&spare);
+            return Err(e);
+        }
+        self.with_free(|free| {
+            free.push(spare);
+            Ok(())
+        })?;
+        Ok(true)
+    }
+
+    fn with_free<T>(&self, f: impl FnOnce(&mut Vec<PathBuf>) -> io::Result<T>) -> io::Result<T> {
+        let mut guard = self
+            .free
+            .lock()
+            .map_err(|_| io::Error::other("spare list lock poisoned"))?;
+        if guard.is_none() {
+            *guard = Some(self.load()?);
+        }
+        match guard.as_mut() {
+            Some(free) => f(free),
+            None => Err(io::Error::other("spare list not loaded")),
+        }
+    }
+
+    /// Lists the spares left by earlier runs, emptying any a crash left with data, and names
+    /// new ones after the highest found.
+    fn load(&self) -> io::Result<Vec<PathBuf>> {
+        fs::create_dir_all(&self.dir)?;
+        let mut free = Vec::new();
+        let mut highest = None;
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(n) = name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) else {
+                continue;
+            };
+            if !entry.file_type()?.is_file() {
+                continue;
+            }
+            let path = entry.path();
+            if entry.metadata()?.len() > 0 {
+                empty(&path)?;
+            }
+            highest = highest.max(Some(n));
+            free.push(path);
+        }
+        self.next_name
+            .store(highest.map_or(0, |n| n + 1), Ordering::Relaxed);
+        Ok(free)
+    }
+}
+
+fn empty(path: &Path) -> io::Result<()> {
+    OpenOptions::new().write(true).open(path)?.set_len(0)
+}
