@@ -126,6 +126,50 @@ fn kill9_during_writes_loses_nothing_fsynced() {
     }
 }
 
+/// A rewrite in place followed by `fdatasync` (a database's journal header) makes no
+/// metadata commit when the handle already made that size durable: after `kill -9` the new
+/// bytes must still be there, at the right size, and fsck must find metadata and flash in step.
+#[test]
+fn kill9_after_fdatasync_of_a_rewrite_in_place_keeps_it() {
+    use std::io::{Seek, SeekFrom, Write};
+    for mode in [&[][..], &["--no-passthrough"][..]] {
+        let root = scratch("datasync");
+        let mut m = Mount::start(root.path(), mode);
+        let path = m.path("journal");
+        let mut f = std::fs::File::create(&path).expect("create");
+        f.write_all(&content(1, 64 * 1024)).expect("write");
+        f.sync_data().expect("first fdatasync");
+        let mut want = content(1, 64 * 1024);
+        for round in 0..5u8 {
+            f.seek(SeekFrom::Start(512)).expect("seek");
+            let patch = [round + 1; 4096];
+            f.write_all(&patch).expect("rewrite");
+            want[512..512 + 4096].copy_from_slice(&patch);
+            f.sync_data().expect("fdatasync of the rewrite");
+        }
+        // Growing the file needs the new size recorded: the next fdatasync commits it.
+        f.seek(SeekFrom::End(0)).expect("seek end");
+        f.write_all(b"tail").expect("append");
+        want.extend_from_slice(b"tail");
+        f.sync_data().expect("fdatasync after growth");
+        m.kill9();
+        drop(f);
+        m.remount();
+        assert_eq!(
+            std::fs::read(&path).expect("read after crash"),
+            want,
+            "{mode:?}"
+        );
+        m.unmount();
+        let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "fsck after crash:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 #[test]
 fn metadata_survives_clean_remount() {
     let root = scratch("remount");

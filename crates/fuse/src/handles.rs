@@ -25,7 +25,14 @@ pub struct Handle {
     pub next_read: AtomicU64,
     /// The last blob index prefetched for this handle, plus one (0: none).
     pub prefetched: AtomicU64,
+    /// The file size that this handle's last `fsync` made durable in metadata
+    /// ([`NO_DURABLE_SIZE`] before one): a later `fdatasync` at that same size needs no
+    /// metadata commit, since only the size is needed to read the data back.
+    pub durable_size: AtomicU64,
 }
+
+/// [`Handle::durable_size`] before the handle's first `fsync`.
+pub const NO_DURABLE_SIZE: u64 = u64::MAX;
 
 #[derive(Default)]
 pub struct Handles {

@@ -14,7 +14,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 fn now() -> Timestamp {
@@ -197,6 +197,7 @@ impl ClaudeFs {
             cold,
             next_read: Default::default(),
             prefetched: Default::default(),
+            durable_size: AtomicU64::new(crate::handles::NO_DURABLE_SIZE),
         });
         Ok((fh, backing))
     }
@@ -789,7 +790,16 @@ impl Filesystem for ClaudeFs {
                 h.file.sync_all()?;
             }
             self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
+            // fdatasync owes the size, not the times: when this handle already made the
+            // current size durable, the data sync above is all (a rewrite in place, such as
+            // a database's journal header). A crash then loses at most the new mtime, which
+            // recovery re-reads from the backing file, with the upload mark that goes with it.
+            let size = h.file.metadata()?.len();
+            if datasync && h.durable_size.load(Ordering::Relaxed) == size {
+                return Ok(());
+            }
             self.meta.sync()?;
+            h.durable_size.store(size, Ordering::Relaxed);
             Ok(())
         })();
         Self::empty(reply, "fsync", r);
