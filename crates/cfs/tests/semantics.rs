@@ -312,6 +312,62 @@ fn statfs_timestamps_and_inode_numbers() {
     );
 }
 
+/// Deleted files are purged by a background thread after the kernel forgets them, and their
+/// backing files become spares that new files reuse. An unmount purges everything queued, so
+/// the flash directory then holds exactly the live files' backing files.
+#[test]
+fn deleted_files_are_purged_by_unmount_and_their_backing_files_reused() {
+    use std::os::unix::fs::MetadataExt;
+    let root = scratch("purge");
+    let mut m = Mount::start(root.path(), &[]);
+    std::fs::create_dir(m.path("d")).expect("mkdir");
+    for i in 0..300 {
+        std::fs::write(m.path(&format!("d/f{i}")), vec![i as u8; 3000]).expect("write");
+    }
+    std::fs::write(m.path("keep"), b"kept").expect("write");
+    std::fs::remove_dir_all(m.path("d")).expect("rm -r");
+    m.unmount();
+    let flash = m.data_dir.join("flash");
+    assert_eq!(
+        walk(&flash).len(),
+        1,
+        "only the kept file's backing file is left"
+    );
+    let spares: Vec<_> = std::fs::read_dir(flash.join("spare"))
+        .expect("spares")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(spares.len(), 300, "every purged backing file is a spare");
+    assert!(
+        spares
+            .iter()
+            .all(|p| std::fs::metadata(p).expect("stat").len() == 0),
+        "spares are empty"
+    );
+    let data = m.data_dir.to_str().expect("utf8").to_string();
+    let out = cfs(&["fsck", &data]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    m.remount();
+    let spare_inos: std::collections::HashSet<u64> = spares
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("stat").ino())
+        .collect();
+    std::fs::write(m.path("new"), b"fresh").expect("write");
+    assert_eq!(std::fs::read(m.path("new")).expect("read"), b"fresh");
+    assert_eq!(std::fs::read(m.path("keep")).expect("read"), b"kept");
+    m.unmount();
+    let reused = walk(&flash)
+        .iter()
+        .filter(|p| spare_inos.contains(&std::fs::metadata(p).expect("stat").ino()))
+        .count();
+    assert_eq!(reused, 1, "the new file's backing file is a former spare");
+}
+
 #[test]
 fn fsck_finds_and_repairs_damage() {
     let root = scratch("fsck");

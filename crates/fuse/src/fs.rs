@@ -119,11 +119,13 @@ pub struct ClaudeFs {
     pub(crate) live: Arc<Live>,
     /// Called once `init` has been answered, to tell the launcher the mount is ready.
     pub(crate) on_init: Option<InitHook>,
+    pub(crate) purger: crate::purger::Purger,
 }
 
 impl ClaudeFs {
     pub fn new(meta: Arc<MetaStore>, flash: FlashDir, opts: FsOptions) -> ClaudeFs {
         ClaudeFs {
+            purger: crate::purger::Purger::new(Arc::clone(&meta), flash.clone()),
             meta,
             flash,
             opts,
@@ -249,17 +251,10 @@ impl ClaudeFs {
         Ok(self.opts.tier.is_some() && self.meta.has_evicted(ino)?)
     }
 
-    /// Deletes an inode whose last link is gone, once nothing references it.
+    /// Deletes an inode whose last link is gone, once nothing references it: queued for the
+    /// purge thread (see `purger`).
     pub(crate) fn purge(&self, ino: u64) {
         self.live.handles.forget(ino);
-        match self.meta.execute(&Op::Purge { ino }) {
-            Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
-                if let Err(e) = self.flash.remove(ino) {
-                    tracing::warn!(ino, error = %e, "could not remove backing file of purged inode");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(ino, error = %e, "purge failed; recovery will retry"),
-        }
+        self.purger.purge(ino);
     }
 }

@@ -8,6 +8,7 @@ mod errno;
 mod fs;
 mod handles;
 mod ops;
+mod purger;
 
 pub use attr::DataAttr;
 pub use errno::{FsError, FsResult, from_io, from_meta};

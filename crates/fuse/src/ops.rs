@@ -424,6 +424,7 @@ impl Filesystem for ClaudeFs {
     }
 
     fn destroy(&mut self) {
+        self.purger.finish();
         if let Err(e) = self.meta.sync() {
             tracing::error!(error = %e, "final metadata sync failed");
         }

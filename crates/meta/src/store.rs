@@ -211,21 +211,49 @@ impl MetaStore {
         self.apply_op(op, None)
     }
 
+    /// Applies `ops` in order in one transaction, each logged under its own number: one
+    /// commit for many operations that nobody waits on (inodes purged after the kernel forgot
+    /// them). All or none: on an error nothing is applied, and the caller may retry them one
+    /// by one to find the one at fault.
+    pub fn execute_batch(&self, ops: &[Op]) -> Result<Vec<Outcome>> {
+        self.commit_ops(ops, None)
+    }
+
     /// Applies `op`; `replay` is the sequence number a replayed operation had in the log
     /// it comes from (it is then not logged again).
     pub(crate) fn apply_op(&self, op: &Op, replay: Option<u64>) -> Result<Outcome> {
+        let outcome = self
+            .commit_ops(std::slice::from_ref(op), replay)?
+            .pop()
+            .ok_or_else(|| MetaError::Store("an operation gave no outcome".into()))?;
+        if let (Some(_), Op::Create { ino, .. }) = (replay, op) {
+            // Numbers handed out later must follow the replayed ones.
+            self.next_ino.fetch_max(ino + 1, Ordering::Relaxed);
+        }
+        Ok(outcome)
+    }
+
+    /// Applies and logs `ops` in one non-durable transaction, or nothing on an error.
+    /// `replay` (one op only) is the log number a replayed op already has.
+    fn commit_ops(&self, ops: &[Op], replay: Option<u64>) -> Result<Vec<Outcome>> {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(Durability::None)?;
         let applied = Tx::open(&txn).and_then(|mut tx| {
-            let outcome = tx.apply(op)?;
+            let outcomes = ops
+                .iter()
+                .map(|op| tx.apply(op))
+                .collect::<Result<Vec<_>>>()?;
             tx.finish()?;
-            Ok(outcome)
+            Ok(outcomes)
         });
-        let logged = applied.and_then(|outcome| {
-            let seq = crate::oplog::record(&txn, op, replay)?;
-            Ok((outcome, seq))
+        let logged = applied.and_then(|outcomes| {
+            let mut last = None;
+            for op in ops {
+                last = crate::oplog::record(&txn, op, replay)?.or(last);
+            }
+            Ok((outcomes, last))
         });
-        let (outcome, seq) = match logged {
+        let (outcomes, last) = match logged {
             Ok(r) => r,
             Err(e) => {
                 txn.abort()?;
@@ -234,15 +262,11 @@ impl MetaStore {
         };
         txn.commit()?;
         self.committed.fetch_add(1, Ordering::Release);
-        self.changes.fetch_add(1, Ordering::Release);
-        if let Some(seq) = seq {
+        self.changes.fetch_add(ops.len() as u64, Ordering::Release);
+        if let Some(seq) = last {
             self.applied_seq.fetch_max(seq, Ordering::Release);
         }
-        if let (Some(_), Op::Create { ino, .. }) = (replay, op) {
-            // Numbers handed out later must follow the replayed ones.
-            self.next_ino.fetch_max(ino + 1, Ordering::Relaxed);
-        }
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     /// Makes every operation applied before this call durable. Concurrent callers share one

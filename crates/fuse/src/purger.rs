@@ -1,0 +1,151 @@
+//! Deleting inodes the kernel has forgotten, off the request path and many to a commit.
+//!
+//! A file's last unlink leaves its inode orphaned until the kernel forgets it (open files
+//! keep using it). Purging it then took a metadata commit and a backing-file removal on the
+//! FUSE thread that got the FORGET, and on two cores that thread competed with the next
+//! request: `rm` of many files spent a third of its time there. Nobody waits for a purge, so
+//! a background thread takes every forgotten inode queued so far and purges them in one
+//! transaction. If the daemon dies first, the orphans are still recorded and the next mount
+//! purges them (`recover`).
+
+use cfs_flash::FlashDir;
+use cfs_meta::{FileKind, MetaStore, Op, Outcome};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Most purges in one transaction, so that one commit stays short.
+const BATCH_MAX: usize = 256;
+
+#[derive(Default)]
+struct Queue {
+    inos: Vec<u64>,
+    stopping: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+pub(crate) struct Purger {
+    shared: Arc<Shared>,
+    meta: Arc<MetaStore>,
+    flash: FlashDir,
+    /// Started at the first purge, so a filesystem object that never purges has no thread.
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Purger {
+    pub(crate) fn new(meta: Arc<MetaStore>, flash: FlashDir) -> Purger {
+        Purger {
+            shared: Arc::default(),
+            meta,
+            flash,
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Queues `ino` for purging. Falls back to purging it here if no thread can be started.
+    pub(crate) fn purge(&self, ino: u64) {
+        if !self.running() {
+            purge_batch(&self.meta, &self.flash, &[ino]);
+            return;
+        }
+        self.shared.queue.lock().inos.push(ino);
+        self.shared.wake.notify_one();
+    }
+
+    fn running(&self) -> bool {
+        let mut thread = self.thread.lock();
+        if thread.is_some() {
+            return true;
+        }
+        let (shared, meta, flash) = (
+            Arc::clone(&self.shared),
+            Arc::clone(&self.meta),
+            self.flash.clone(),
+        );
+        match std::thread::Builder::new()
+            .name("cfs-purge".into())
+            .spawn(move || run(&shared, &meta, &flash))
+        {
+            Ok(handle) => {
+                *thread = Some(handle);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the purge thread; purging inline");
+                false
+            }
+        }
+    }
+
+    /// Purges everything queued and stops the thread: at unmount, before the final sync.
+    pub(crate) fn finish(&self) {
+        let Some(handle) = self.thread.lock().take() else {
+            return;
+        };
+        self.shared.queue.lock().stopping = true;
+        self.shared.wake.notify_one();
+        if handle.join().is_err() {
+            tracing::error!("the purge thread panicked; the next mount purges what it left");
+        }
+    }
+}
+
+impl Drop for Purger {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
+    loop {
+        let batch = {
+            let mut q = shared.queue.lock();
+            while q.inos.is_empty() && !q.stopping {
+                shared.wake.wait(&mut q);
+            }
+            if q.inos.is_empty() {
+                return;
+            }
+            let n = q.inos.len().min(BATCH_MAX);
+            q.inos.drain(..n).collect::<Vec<_>>()
+        };
+        purge_batch(meta, flash, &batch);
+    }
+}
+
+/// Purges `inos` in one transaction, or one by one if that fails (so that one bad inode
+/// holds up no other), then removes the backing files of the regular files among them.
+fn purge_batch(meta: &MetaStore, flash: &FlashDir, inos: &[u64]) {
+    let ops: Vec<Op> = inos.iter().map(|&ino| Op::Purge { ino }).collect();
+    let outcomes: Vec<(u64, Result<Outcome, cfs_meta::MetaError>)> = match meta.execute_batch(&ops)
+    {
+        Ok(outcomes) => inos
+            .iter()
+            .copied()
+            .zip(outcomes.into_iter().map(Ok))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, n = inos.len(), "batched purge failed; one by one");
+            inos.iter()
+                .zip(&ops)
+                .map(|(&ino, op)| (ino, meta.execute(op)))
+                .collect()
+        }
+    };
+    for (ino, outcome) in outcomes {
+        match outcome {
+            Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
+                if let Err(e) = flash.remove(ino) {
+                    tracing::warn!(ino, error = %e, "could not remove backing file of purged inode");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(ino, error = %e, "purge failed; recovery will retry"),
+        }
+    }
+}
