@@ -58,7 +58,27 @@ pub struct Evictor {
     /// Set while usage is above the high watermark: the uploader then flushes everything.
     pressure: Arc<AtomicBool>,
     stats: Arc<EvictStats>,
+    /// The last scan of the flash directory, with a capped capacity (see [`Evictor::usage`]).
+    scanned: parking_lot::Mutex<Option<Scan>>,
+    /// Set by [`Evictor::kick`]: a writer found flash full, so the next pass scans afresh.
+    rescan: AtomicBool,
 }
+
+/// One measurement of the bytes the backing files hold.
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    at: Instant,
+    took: Duration,
+    used: u64,
+}
+
+/// A scan of the flash directory stats every backing file. It is repeated `SCAN_SPACING`
+/// times its own duration apart, within [`IDLE_INTERVAL`] and [`SCAN_INTERVAL_MAX`], so that
+/// measuring usage costs about 5% of a core with many files (a million take seconds to scan,
+/// and it ran every second), while writes between scans stay bounded in time.
+const SCAN_SPACING: u32 = 20;
+/// The longest a scan's figure is used; a writer that finds flash full forces a new one.
+const SCAN_INTERVAL_MAX: Duration = Duration::from_secs(30);
 
 /// How often usage is measured when nothing wakes the evictor.
 const IDLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -81,6 +101,8 @@ impl Evictor {
             wake: tokio::sync::Notify::new(),
             pressure: Arc::default(),
             stats: Arc::default(),
+            scanned: parking_lot::Mutex::new(None),
+            rescan: AtomicBool::new(false),
         })
     }
 
@@ -101,13 +123,26 @@ impl Evictor {
 
     /// Wakes the evictor to measure usage now (a writer found flash full).
     pub fn kick(&self) {
+        self.rescan.store(true, Ordering::Relaxed);
         self.wake.notify_one();
     }
 
-    /// Bytes used and the capacity they count against.
+    /// Bytes used and the capacity they count against. With a capped capacity that is the
+    /// sum of the backing files' allocated bytes, from a scan no older than its spacing
+    /// allows (see [`SCAN_SPACING`]).
     pub fn usage(&self) -> std::io::Result<(u64, u64)> {
         match self.cfg.capacity {
             Some(cap) => {
+                let forced = self.rescan.swap(false, Ordering::Relaxed);
+                let last = *self.scanned.lock();
+                if let Some(scan) = last
+                    && !forced
+                    && scan.at.elapsed()
+                        < (scan.took * SCAN_SPACING).clamp(IDLE_INTERVAL, SCAN_INTERVAL_MAX)
+                {
+                    return Ok((scan.used, cap));
+                }
+                let started = Instant::now();
                 let used = self
                     .flash
                     .scan()?
@@ -115,6 +150,11 @@ impl Evictor {
                     .filter_map(|e| e.ok())
                     .map(|b| b.allocated)
                     .sum();
+                *self.scanned.lock() = Some(Scan {
+                    at: Instant::now(),
+                    took: started.elapsed(),
+                    used,
+                });
                 Ok((used, cap))
             }
             None => {
@@ -191,6 +231,7 @@ impl Evictor {
             }
         }
         if !over {
+            self.freed(freed);
             return;
         }
         // Coldest first: never used in this mount, then least recently used.
@@ -211,12 +252,21 @@ impl Evictor {
                 used_now = used_now.saturating_sub(self.evict_file(ino, blobs));
             }
         }
+        self.freed(used.saturating_sub(used_now));
         if used_now > high {
             tracing::debug!(
                 used = used_now,
                 capacity = cap,
                 "flash still past the high watermark: the rest is dirty, open or pinned"
             );
+        }
+    }
+
+    /// Takes bytes this pass punched out of flash off the last scan's figure, so the next
+    /// pass does not see them until the next scan.
+    fn freed(&self, bytes: u64) {
+        if let Some(scan) = self.scanned.lock().as_mut() {
+            scan.used = scan.used.saturating_sub(bytes);
         }
     }
 
@@ -287,4 +337,57 @@ enum Policy {
     Flash,
     S3,
     Auto,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoneOpen;
+
+    impl OpenFiles for NoneOpen {
+        fn while_closed(&self, _ino: Ino, f: &mut dyn FnMut()) -> bool {
+            f();
+            true
+        }
+        fn last_used(&self, _ino: Ino) -> Option<Instant> {
+            None
+        }
+    }
+
+    /// Usage comes from a scan that is reused until its spacing has passed, and a writer
+    /// that finds flash full (`kick`) forces a fresh one.
+    #[test]
+    fn usage_scans_are_spaced_and_a_kick_forces_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (meta, _) = MetaStore::open(
+            &dir.path().join("meta.redb"),
+            cfs_meta::Timestamp::now(),
+            0,
+            0,
+        )
+        .expect("meta");
+        let flash = FlashDir::open(&dir.path().join("flash")).expect("flash");
+        let cfg = EvictConfig {
+            capacity: Some(1 << 30),
+            high_pct: 80,
+            low_pct: 60,
+        };
+        let evictor = Evictor::new(Arc::new(meta), flash.clone(), cfg, Arc::new(NoneOpen));
+        let (before, cap) = evictor.usage().expect("usage");
+        assert_eq!((before, cap), (0, 1 << 30));
+        let f = flash.create(7).expect("backing file");
+        std::io::Write::write_all(&mut &f, &[1u8; 1 << 20]).expect("write");
+        f.sync_all().expect("sync");
+        assert_eq!(
+            evictor.usage().expect("usage").0,
+            0,
+            "the last scan is reused"
+        );
+        evictor.kick();
+        assert!(
+            evictor.usage().expect("usage").0 >= 1 << 20,
+            "a kick rescans"
+        );
+    }
 }
