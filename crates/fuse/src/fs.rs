@@ -179,14 +179,25 @@ impl ClaudeFs {
                     Ok(())
                 };
             }
-            match self.meta.execute(&Op::SyncData {
+            let sync = Op::SyncData {
                 ino,
                 size: d.size,
                 atime: d.atime,
                 mtime: d.mtime,
                 ctime: d.ctime,
-            }) {
-                Ok(_) => self.data_changed(ino)?,
+            };
+            // With a tier the upload mark goes in the same commit: one commit per file
+            // written and closed, not two.
+            let r = match &self.opts.tier {
+                Some(_) => self.meta.execute_batch(&[sync, Op::MarkDirty { ino }]).map(drop),
+                None => self.meta.execute(&sync).map(drop),
+            };
+            match r {
+                Ok(()) => {
+                    if let Some(tier) = &self.opts.tier {
+                        tier.data_changed(ino);
+                    }
+                }
                 Err(cfs_meta::MetaError::NotFound) => {}
                 Err(e) => return Err(e.into()),
             }
