@@ -118,6 +118,8 @@ const BUSY_QUIET: Duration = Duration::from_secs(1);
 /// ...but never longer than this after they were queued, so the store stays close behind.
 /// Files of a blob or more, and everything under flash pressure, go at once.
 const BUSY_MAX_DEFER: Duration = Duration::from_secs(10);
+/// How long a held file's size (a blob or more goes at once) is taken as known.
+const LARGE_RECHECK: Duration = Duration::from_secs(2);
 /// The least time between two passes while files are held back.
 const HELD_PASS_GAP: Duration = Duration::from_millis(250);
 
@@ -137,6 +139,8 @@ pub struct Uploader {
     blob_io: BlobIo,
     /// When this mount first saw each queued file, for the flush age and `cfs status`.
     first_seen: parking_lot::Mutex<std::collections::HashMap<Ino, (Instant, u64)>>,
+    /// Whether a held file was a blob or more, and when that was looked up.
+    large: parking_lot::Mutex<std::collections::HashMap<Ino, (Instant, bool)>>,
     /// Checkpoint publishing and the deletes it makes safe; see [`Uploader::with_checkpoints`].
     checkpoints: tokio::sync::Mutex<Checkpoints>,
     finish_tx: tokio::sync::mpsc::Sender<FinishRequest>,
@@ -223,6 +227,7 @@ impl Uploader {
             on_clean: None,
             blob_io: BlobIo::auto(),
             first_seen: Default::default(),
+            large: Default::default(),
             checkpoints: tokio::sync::Mutex::new(Checkpoints {
                 publisher: None,
                 interval: Duration::ZERO,
@@ -293,6 +298,8 @@ impl Uploader {
             seen.get(ino)
                 .map_or(Duration::ZERO, |(t, _)| now.duration_since(*t))
         };
+        let mut large = self.large.lock();
+        large.retain(|ino, _| queued.contains(ino));
         let (now_due, held): (Vec<Ino>, Vec<Ino>) = dirty.into_iter().partition(|ino| {
             let age = age(ino);
             if self.policy.tiered
@@ -301,9 +308,19 @@ impl Uploader {
             {
                 return false;
             }
-            !busy
-                || age >= BUSY_MAX_DEFER
-                || self.meta.inode(*ino).is_ok_and(|i| i.size >= BLOB_SIZE)
+            if !busy || age >= BUSY_MAX_DEFER {
+                return true;
+            }
+            // Sizes of held files are looked up again only every LARGE_RECHECK: a burst of
+            // small files holds thousands, and passes run four times a second.
+            match large.get(ino) {
+                Some(&(at, is_large)) if now.duration_since(at) < LARGE_RECHECK => is_large,
+                _ => {
+                    let is_large = self.meta.inode(*ino).is_ok_and(|i| i.size >= BLOB_SIZE);
+                    large.insert(*ino, (now, is_large));
+                    is_large
+                }
+            }
         });
         self.stats
             .files_held
