@@ -74,6 +74,15 @@ impl cfs_fuse::TierHooks for Hooks {
             .map(|b| b.map(|b| b.to_vec()))
             .map_err(std::io::Error::other)
     }
+    fn read_blob(&self, ino: u64, k: u64) -> std::io::Result<Option<cfs_fuse::FetchedBlob>> {
+        self.hydrator
+            .read_blob(ino, k)
+            .map(|b| b.map(|b| Box::new(b) as cfs_fuse::FetchedBlob))
+            .map_err(std::io::Error::other)
+    }
+    fn forget_fetched(&self, ino: u64) {
+        self.hydrator.forget_recent(ino);
+    }
     fn policy_changed(&self, ino: u64) {
         // `s3` may now let a clean file go, or, in tiered mode, a dirty one be flushed.
         self.evictor.nominate(ino);

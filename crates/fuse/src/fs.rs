@@ -37,6 +37,14 @@ pub trait TierHooks: Send + Sync {
     /// a random read then waits for one small ranged GET, not for 64 MiB. `None`: bring the
     /// blob back instead ([`TierHooks::hydrate`]).
     fn read_evicted(&self, ino: u64, offset: u64, len: u64) -> std::io::Result<Option<Vec<u8>>>;
+    /// Blob `k` of `ino` as fetched from the object store and verified against its recorded
+    /// checksum, for a sequential reader: its bytes are served from memory as soon as they
+    /// are verified, without waiting for (or reading back) their write to flash. `None`:
+    /// the blob is on flash; read it there.
+    fn read_blob(&self, ino: u64, k: u64) -> std::io::Result<Option<FetchedBlob>>;
+    /// The data of `ino` changed through the daemon, or a cold handle of it was released:
+    /// blob bytes kept for [`TierHooks::read_blob`] may be older than the file now.
+    fn forget_fetched(&self, ino: u64);
     /// The `user.cfs.tier` policy of `ino` changed.
     fn policy_changed(&self, ino: u64);
     /// Called before new data may land on flash (a create, an open for writing): waits
@@ -44,6 +52,9 @@ pub trait TierHooks: Send + Sync {
     /// cannot (the object store is down, or everything on flash is dirty or pinned).
     fn admit_write(&self) -> std::io::Result<()>;
 }
+
+/// The bytes of one fetched blob, shared with the tier's cache of recent blobs (no copy).
+pub type FetchedBlob = Box<dyn AsRef<[u8]> + Send>;
 
 impl std::fmt::Debug for FsOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,7 +200,10 @@ impl ClaudeFs {
             // With a tier the upload mark goes in the same commit: one commit per file
             // written and closed, not two.
             let r = match &self.opts.tier {
-                Some(_) => self.meta.execute_batch(&[sync, Op::MarkDirty { ino }]).map(drop),
+                Some(_) => self
+                    .meta
+                    .execute_batch(&[sync, Op::MarkDirty { ino }])
+                    .map(drop),
                 None => self.meta.execute(&sync).map(drop),
             };
             match r {
@@ -254,6 +268,14 @@ impl ClaudeFs {
                 crate::FsError::Errno(fuser::Errno::ENOSPC)
             }),
             None => Ok(()),
+        }
+    }
+
+    /// Tells the tier that the data of `ino` may have changed (see
+    /// [`TierHooks::forget_fetched`]).
+    pub(crate) fn forget_fetched(&self, ino: u64) {
+        if let Some(tier) = &self.opts.tier {
+            tier.forget_fetched(ino);
         }
     }
 

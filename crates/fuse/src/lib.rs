@@ -12,4 +12,4 @@ mod purger;
 
 pub use attr::DataAttr;
 pub use errno::{FsError, FsResult, from_io, from_meta};
-pub use fs::{BLOB_SIZE, ClaudeFs, FsOptions, FsStatus, Live, TierHooks};
+pub use fs::{BLOB_SIZE, ClaudeFs, FetchedBlob, FsOptions, FsStatus, Live, TierHooks};

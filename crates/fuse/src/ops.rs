@@ -46,6 +46,23 @@ fn fail(op: &str, e: FsError) -> Errno {
 /// default concurrency, which is what an object store is known to sustain.
 const PREFETCH_BLOBS: u64 = 4;
 
+/// The bytes a read replies with.
+enum ReadData {
+    /// Read from flash, or by a ranged GET.
+    Owned(Vec<u8>),
+    /// A range of a blob fetched from the object store, replied without a copy.
+    Blob(crate::FetchedBlob, std::ops::Range<usize>),
+}
+
+impl ReadData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            ReadData::Owned(v) => v,
+            ReadData::Blob(blob, range) => &(**blob).as_ref()[range.clone()],
+        }
+    }
+}
+
 /// What `mknod`, `mkdir`, `symlink` and `create` ask for.
 struct NewNode<'a> {
     kind: FileKind,
@@ -213,7 +230,7 @@ impl ClaudeFs {
         h: &crate::handles::Handle,
         offset: u64,
         size: u32,
-    ) -> FsResult<Option<Vec<u8>>> {
+    ) -> FsResult<Option<ReadData>> {
         let file_len = h.file.metadata()?.len();
         if offset >= file_len {
             return Ok(None);
@@ -222,7 +239,7 @@ impl ClaudeFs {
         let sequential = h.next_read.swap(end, Ordering::Relaxed) == offset;
         if !sequential && let Some(tier) = &self.opts.tier {
             match tier.read_evicted(h.ino, offset, end - offset) {
-                Ok(Some(data)) => return Ok(Some(data)),
+                Ok(Some(data)) => return Ok(Some(ReadData::Owned(data))),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(ino = h.ino, offset, error = %e, "cannot read from the object store");
@@ -241,8 +258,39 @@ impl ClaudeFs {
                 tier.prefetch(h.ino, k);
             }
         }
+        if sequential && let Some(data) = self.fetched_read(h.ino, offset, end)? {
+            return Ok(Some(data));
+        }
         self.ensure_present(h.ino, offset..end)?;
         Ok(None)
+    }
+
+    /// Bytes `offset..end` of `ino` from its fetched blob, when they lie in one blob that is
+    /// evicted or was fetched lately: served from the verified GET body, so a sequential
+    /// reader waits neither for the blob's write to flash nor for reading it back.
+    fn fetched_read(&self, ino: u64, offset: u64, end: u64) -> FsResult<Option<ReadData>> {
+        let Some(tier) = &self.opts.tier else {
+            return Ok(None);
+        };
+        let k = offset / crate::BLOB_SIZE;
+        if end <= offset || (end - 1) / crate::BLOB_SIZE != k {
+            return Ok(None);
+        }
+        let blob = match tier.read_blob(ino, k) {
+            Ok(Some(blob)) => blob,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                tracing::warn!(ino, k, error = %e, "cannot bring a blob back from the object store");
+                return Err(FsError::Errno(Errno::EIO));
+            }
+        };
+        let base = k * crate::BLOB_SIZE;
+        let range = (offset - base) as usize..(end - base) as usize;
+        // Past the blob's recorded bytes (the file grew since): flash holds the rest.
+        if range.end > (*blob).as_ref().len() {
+            return Ok(None);
+        }
+        Ok(Some(ReadData::Blob(blob, range)))
     }
 
     fn handle(&self, fh: FileHandle) -> FsResult<std::sync::Arc<crate::handles::Handle>> {
@@ -270,6 +318,7 @@ impl ClaudeFs {
         }
         let r = self.apply_setattr(ino, mode, uid, gid, size, atime, mtime, fh);
         if size.is_some() {
+            self.forget_fetched(ino.0);
             self.live.handles.done_with(ino.0, false);
         }
         r
@@ -705,10 +754,10 @@ impl Filesystem for ClaudeFs {
                 filled += n;
             }
             buf.truncate(filled);
-            Ok(buf)
+            Ok(ReadData::Owned(buf))
         });
         match r {
-            Ok(buf) => reply.data(&buf),
+            Ok(data) => reply.data(data.bytes()),
             Err(e) => reply.error(fail("read", e)),
         }
     }
@@ -729,7 +778,10 @@ impl Filesystem for ClaudeFs {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
             }
-            std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)?;
+            let written = std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset);
+            // Even after a failed write, which may have landed in part.
+            self.forget_fetched(h.ino);
+            written?;
             h.written.store(true, Ordering::Relaxed);
             Ok(())
         });
@@ -771,6 +823,11 @@ impl Filesystem for ClaudeFs {
         Self::empty(reply, "release", r);
         // After the reply: the kernel has left this handle's io mode only now.
         if let Some(h) = handle {
+            // Before the count drops: once no daemon-served handle is left, a passthrough
+            // open may change the file where the daemon cannot see it.
+            if h.cold {
+                self.forget_fetched(h.ino);
+            }
             self.live.handles.done_with(h.ino, h.backing.is_none());
         }
     }
@@ -1055,12 +1112,14 @@ impl Filesystem for ClaudeFs {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
             }
-            nix::fcntl::fallocate(
+            let done = nix::fcntl::fallocate(
                 &h.file,
                 nix::fcntl::FallocateFlags::from_bits_retain(mode),
                 offset as i64,
                 length as i64,
-            )?;
+            );
+            self.forget_fetched(h.ino);
+            done?;
             h.written.store(true, Ordering::Relaxed);
             Ok(())
         });
@@ -1141,7 +1200,9 @@ impl Filesystem for ClaudeFs {
                 &dst.file,
                 Some(&mut off_out),
                 len,
-            )?;
+            );
+            self.forget_fetched(dst.ino);
+            let n = n?;
             dst.written.store(true, Ordering::Relaxed);
             Ok(n)
         });

@@ -42,8 +42,37 @@ pub struct HydrateStats {
 /// Backing files written by hydration since the last durable metadata commit.
 type Unsynced = parking_lot::Mutex<std::collections::HashSet<Ino>>;
 
-/// Per blob being fetched, the lock its concurrent readers wait on.
-type InFlight = parking_lot::Mutex<HashMap<(Ino, u64), Arc<tokio::sync::Mutex<()>>>>;
+/// Per blob being fetched, the flight its concurrent readers share.
+type InFlight = parking_lot::Mutex<HashMap<(Ino, u64), Arc<Flight>>>;
+
+/// One blob being fetched and written to flash.
+#[derive(Default)]
+struct Flight {
+    /// Held from the GET until the blob is on flash and recorded, so that concurrent
+    /// hydrations of one blob share a GET and a writer never overtakes the flash write.
+    lock: tokio::sync::Mutex<()>,
+    /// Set when the file's data changed through the daemon (or its last cold handle went)
+    /// while this flight was under way: its bytes may then be older than the file, so they
+    /// are not kept in [`Recent`] for readers.
+    stale: std::sync::atomic::AtomicBool,
+}
+
+/// Blobs fetched and verified lately, newest last, each as a whole: a sequential reader of a
+/// cold file is served from these bytes, not from their copy on flash, and does not wait
+/// for the flash write. Bounded by [`RECENT_BLOBS`]; emptied for a file whenever its data
+/// may change (see [`Hydrator::forget_recent`]), so they never disagree with the file.
+type Recent = parking_lot::Mutex<std::collections::VecDeque<RecentBlob>>;
+
+struct RecentBlob {
+    ino: Ino,
+    k: u64,
+    generation: u64,
+    data: Bytes,
+}
+
+/// Fetched blobs kept for readers: the blob being read plus the four a sequential reader
+/// prefetches, with one to spare. At 64 MiB each, the memory this pins is bounded.
+const RECENT_BLOBS: usize = 6;
 
 pub struct Hydrator {
     meta: Arc<MetaStore>,
@@ -57,6 +86,9 @@ pub struct Hydrator {
     stats: Arc<HydrateStats>,
     /// Evicted blobs read in part, and how often: the second time, the whole blob comes.
     touched: parking_lot::Mutex<HashMap<(Ino, u64), u32>>,
+    recent: Recent,
+    /// Woken whenever a blob joins `recent`, for readers waiting on someone else's GET.
+    published: tokio::sync::Notify,
 }
 
 /// Ranged reads of an evicted blob after which it is fetched whole.
@@ -82,6 +114,8 @@ impl Hydrator {
             unsynced: Arc::default(),
             stats: Arc::default(),
             touched: Default::default(),
+            recent: Default::default(),
+            published: tokio::sync::Notify::new(),
         }))
     }
 
@@ -104,9 +138,12 @@ impl Hydrator {
             return;
         }
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
+        // Joined now, not when the task first runs: a `forget_recent` from here on must
+        // find this flight to mark it stale.
+        let flight = self.flight(ino, k);
         let this = Arc::clone(self);
         self.runtime.spawn(async move {
-            if let Err(e) = this.hydrate(ino, k).await {
+            if let Err(e) = this.fly(ino, k, flight).await {
                 tracing::debug!(ino, k, error = %e, "prefetch failed; the read will retry");
             }
         });
@@ -193,15 +230,122 @@ impl Hydrator {
         ))
     }
 
+    /// Blob `k` of `ino` as fetched and verified from the object store, for a sequential
+    /// reader: from the recent blobs, or else by fetching it (or joining the fetch under
+    /// way) and returning as soon as its bytes are verified, while the flash write goes on
+    /// in the background. `Ok(None)`: the blob is on flash (or its bytes could not be kept
+    /// because the file changed meanwhile); read it there. Blocks the calling thread.
+    pub fn read_blob(self: &Arc<Self>, ino: Ino, k: u64) -> Result<Option<Bytes>> {
+        let evicted = self.meta.evicted_blob(ino, k).map_err(meta_err)?;
+        let generation = evicted.as_ref().map(|r| r.generation);
+        if let Some(data) = self.recent_blob(ino, k, generation) {
+            return Ok(Some(data));
+        }
+        if evicted.is_none() {
+            return Ok(None);
+        }
+        let flight = self.flight(ino, k);
+        let this = Arc::clone(self);
+        let task = self
+            .runtime
+            .spawn(async move { this.fly(ino, k, flight).await });
+        let this = Arc::clone(self);
+        self.runtime
+            .block_on(async move { this.await_blob(ino, k, task).await })
+    }
+
+    /// Waits until blob `k` of `ino` is among the recent blobs or `task` (its hydration)
+    /// is done, whichever comes first.
+    async fn await_blob(
+        &self,
+        ino: Ino,
+        k: u64,
+        mut task: tokio::task::JoinHandle<Result<()>>,
+    ) -> Result<Option<Bytes>> {
+        loop {
+            let published = self.published.notified();
+            tokio::pin!(published);
+            // Registered before looking, so a publication in between is not missed.
+            published.as_mut().enable();
+            if let Some(data) = self.recent_blob(ino, k, None) {
+                return Ok(Some(data));
+            }
+            tokio::select! {
+                _ = &mut published => {}
+                done = &mut task => {
+                    done.map_err(|e| TierError::Other {
+                        context: format!("fetching blob {k} of inode {ino}"),
+                        source: Box::new(e),
+                    })??;
+                    return Ok(self.recent_blob(ino, k, None));
+                }
+            }
+        }
+    }
+
+    /// The recent blob `k` of `ino`, if it is kept, and of `generation` if that is given
+    /// (the blob is still evicted, so metadata names the object its bytes must come from).
+    fn recent_blob(&self, ino: Ino, k: u64, generation: Option<u64>) -> Option<Bytes> {
+        self.recent
+            .lock()
+            .iter()
+            .rev()
+            .find(|b| b.ino == ino && b.k == k && generation.is_none_or(|g| g == b.generation))
+            .map(|b| b.data.clone())
+    }
+
+    /// Keeps the verified bytes of blob `k` of `ino` for readers, unless the file changed
+    /// since `flight` began, and wakes the readers waiting for them.
+    fn publish(&self, flight: &Flight, ino: Ino, k: u64, generation: u64, data: &Bytes) {
+        {
+            let mut recent = self.recent.lock();
+            // Checked under the lock `forget_recent` takes, so no stale bytes slip in.
+            if flight.stale.load(Ordering::Relaxed) {
+                return;
+            }
+            recent.retain(|b| !(b.ino == ino && b.k == k));
+            if recent.len() >= RECENT_BLOBS {
+                recent.pop_front();
+            }
+            recent.push_back(RecentBlob {
+                ino,
+                k,
+                generation,
+                data: data.clone(),
+            });
+        }
+        self.published.notify_waiters();
+    }
+
+    /// Drops the recent blobs of `ino` and keeps those being fetched from joining them:
+    /// called after its data changed through the daemon (a write, a truncation, an
+    /// fallocate, a copy into it) and when a cold handle of it is released (after which a
+    /// passthrough open could change it unseen). Readers then read flash, the truth.
+    pub fn forget_recent(&self, ino: Ino) {
+        let mut recent = self.recent.lock();
+        recent.retain(|b| b.ino != ino);
+        for (_, flight) in self.inflight.lock().iter().filter(|((i, _), _)| *i == ino) {
+            flight.stale.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The flight of blob `k` of `ino`, joined or begun.
+    fn flight(&self, ino: Ino, k: u64) -> Arc<Flight> {
+        Arc::clone(self.inflight.lock().entry((ino, k)).or_default())
+    }
+
     pub async fn hydrate(self: Arc<Self>, ino: Ino, k: u64) -> Result<()> {
-        let lock = {
-            let mut map = self.inflight.lock();
-            Arc::clone(map.entry((ino, k)).or_default())
-        };
+        let flight = self.flight(ino, k);
+        self.fly(ino, k, flight).await
+    }
+
+    /// Hydrates blob `k` of `ino` as part of `flight`, then leaves it.
+    async fn fly(self: Arc<Self>, ino: Ino, k: u64, flight: Arc<Flight>) -> Result<()> {
         let result = {
-            let _held = lock.lock().await;
-            self.hydrate_locked(ino, k).await
+            let _held = flight.lock.lock().await;
+            self.hydrate_locked(ino, k, &flight).await
         };
+        // `flight` is still held here: the map's entry and ours make two.
         {
             let mut map = self.inflight.lock();
             if map
@@ -217,7 +361,7 @@ impl Hydrator {
         result
     }
 
-    async fn hydrate_locked(&self, ino: Ino, k: u64) -> Result<()> {
+    async fn hydrate_locked(&self, ino: Ino, k: u64, flight: &Flight) -> Result<()> {
         let Some(record) = self.meta.evicted_blob(ino, k).map_err(meta_err)? else {
             return Ok(());
         };
@@ -237,6 +381,7 @@ impl Hydrator {
             }
             Err(e) => return Err(e),
         };
+        self.publish(flight, ino, k, generation, &data);
         let offset = k * BLOB_SIZE;
         // On a task of its own, so that the write runs to the end (times restored, the
         // blob recorded) even if whoever awaits this stops waiting.
@@ -279,20 +424,62 @@ fn write_blob(
     offset: u64,
     data: &[u8],
 ) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
     let _described_with_data = meta.data_guard();
     let file = flash.open_rw(ino)?;
     let before = file.metadata()?;
     // Never grow the file: a truncation may have cut this blob after it was evicted.
     let n = (data.len() as u64).min(before.len().saturating_sub(offset));
     if n > 0 {
-        file.write_all_at(&data[..n as usize], offset)?;
+        write_maybe_direct(&file, &data[..n as usize], offset)?;
         cfs_flash::restore_times(&file, &before)?;
         unsynced.lock().insert(ino);
     }
     meta.execute(&Op::Hydrated { ino, k, generation })
         .map_err(std::io::Error::other)?;
     Ok(n)
+}
+
+/// Writes `data` at `offset` of `file`, its block-aligned bulk with `O_DIRECT` when the
+/// bytes and the offset are aligned (a blob fetched whole is: see
+/// [`crate::blob_store::DIRECT_ALIGN`]) and the filesystem takes it. A buffered write of a
+/// blob copies 64 MiB into freshly allocated page-cache pages, which costs more CPU than
+/// receiving it, and nothing needs those pages: readers are served from the fetched bytes.
+/// The tail, and anything `O_DIRECT` refuses, is written buffered.
+fn write_maybe_direct(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use crate::blob_store::DIRECT_ALIGN;
+    use std::os::unix::fs::FileExt;
+    let aligned =
+        data.as_ptr().align_offset(DIRECT_ALIGN) == 0 && offset.is_multiple_of(DIRECT_ALIGN as u64);
+    let bulk = if aligned {
+        data.len() / DIRECT_ALIGN * DIRECT_ALIGN
+    } else {
+        0
+    };
+    let mut done = 0;
+    if bulk > 0 && set_direct(file, true).is_ok() {
+        let written = file.write_all_at(&data[..bulk], offset);
+        set_direct(file, false)?;
+        match written {
+            Ok(()) => done = bulk,
+            // Not for this file or device after all: all of it buffered.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    file.write_all_at(&data[done..], offset + done as u64)
+}
+
+/// Turns `O_DIRECT` on or off for `file`'s open file description.
+fn set_direct(file: &std::fs::File, on: bool) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = OFlag::from_bits_retain(fcntl(file, FcntlArg::F_GETFL)?);
+    let flags = if on {
+        flags | OFlag::O_DIRECT
+    } else {
+        flags - OFlag::O_DIRECT
+    };
+    fcntl(file, FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 impl cfs_meta::DataBarrier for Hydrator {
@@ -323,6 +510,43 @@ mod tests {
     use crate::uploader::Uploader;
     use cfs_meta::{Caller, FileKind, Timestamp};
     use std::os::unix::fs::{FileExt, MetadataExt};
+
+    /// A fetched blob's bytes land on flash exactly, whether they start at an aligned address
+    /// (then the aligned bulk goes with `O_DIRECT` where the filesystem takes it) or not, with
+    /// a tail that is not a whole block, and leave the bytes around them alone.
+    #[test]
+    fn blob_writes_land_exactly_aligned_or_not() {
+        use crate::blob_store::DIRECT_ALIGN;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("backing");
+        let mut rng = crate::SplitMix64::new(5);
+        let len = 5 * DIRECT_ALIGN + 123;
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        // Room to place the copy at an aligned address, or one byte past it.
+        let mut room = vec![0u8; len + 2 * DIRECT_ALIGN];
+        let start = room.as_ptr().align_offset(DIRECT_ALIGN);
+        for skew in [0, 1] {
+            let at = start + skew;
+            room[at..at + len].copy_from_slice(&data);
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .expect("backing file");
+            let offset = 2 * DIRECT_ALIGN as u64;
+            file.set_len(offset + len as u64 + 7).expect("size");
+            write_maybe_direct(&file, &room[at..at + len], offset).expect("write");
+            let back = std::fs::read(&path).expect("read back");
+            assert!(
+                back[..offset as usize].iter().all(|&b| b == 0),
+                "skew {skew}"
+            );
+            assert!(back[offset as usize..][..len] == data[..], "skew {skew}");
+            assert_eq!(&back[offset as usize + len..], &[0u8; 7], "skew {skew}");
+        }
+    }
 
     /// Uploaded with either blob I/O backend, evicted and hydrated, a blob comes back byte for
     /// byte at its offset with the file's size and times as they were, and the data barrier
