@@ -50,12 +50,37 @@ fn set_policy(path: &Path, policy: &str) {
     );
 }
 
+/// A directory object store under `root` (`file://`), and its URL.
+fn file_store(root: &Path) -> (PathBuf, String) {
+    let store = root.join("store");
+    std::fs::create_dir_all(&store).expect("store");
+    let url = format!("file://{}", store.display());
+    (store, url)
+}
+
+/// A mount of `root` over a fresh directory object store, and that store's directory.
+fn mount_with_file_store(root: &Path) -> (Mount, PathBuf) {
+    let (store, url) = file_store(root);
+    (Mount::start(root, &["--object-store", &url]), store)
+}
+
+/// The object of blob `k`, generation `generation`, of `ino` in a directory store holding one
+/// filesystem.
+fn object_path(store: &Path, ino: u64, k: u64, generation: u64) -> PathBuf {
+    let fs_dir = std::fs::read_dir(store)
+        .expect("store")
+        .flatten()
+        // `meta/` holds the checkpoint pointer `meta/LATEST`, not a filesystem.
+        .find(|e| e.file_name() != "meta")
+        .expect("fs dir")
+        .path();
+    fs_dir.join(format!("blobs/{ino}/{k}/{generation}"))
+}
+
 #[test]
 fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
     let root = scratch("evict-tree");
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).expect("store");
-    let url = format!("file://{}", store.display());
+    let (_store, url) = file_store(root.path());
     // 420 MiB of data through 192 MiB of flash.
     let mut m = Mount::start(
         root.path(),
@@ -129,10 +154,7 @@ fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
 #[test]
 fn evicted_file_reads_writes_and_truncates_like_any_other() {
     let root = scratch("evict-rw");
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).expect("store");
-    let url = format!("file://{}", store.display());
-    let mut m = Mount::start(root.path(), &["--object-store", &url]);
+    let (mut m, _store) = mount_with_file_store(root.path());
     let mut want = noise(7, 150 * MIB + 77);
     let p = m.path("f");
     write_synced(&p, &want);
@@ -247,10 +269,7 @@ fn evicted_file_reads_writes_and_truncates_like_any_other() {
 #[test]
 fn corrupt_object_gives_eio_and_is_reported() {
     let root = scratch("evict-corrupt");
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).expect("store");
-    let url = format!("file://{}", store.display());
-    let mut m = Mount::start(root.path(), &["--object-store", &url]);
+    let (mut m, store) = mount_with_file_store(root.path());
     let data = noise(3, 3 * MIB);
     let p = m.path("f");
     write_synced(&p, &data);
@@ -259,14 +278,7 @@ fn corrupt_object_gives_eio_and_is_reported() {
         u(&s["blobs"]["evicted"]) == 1
     });
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("stat"));
-    let fs_dir = std::fs::read_dir(&store)
-        .expect("store")
-        .flatten()
-        // `meta/` holds the checkpoint pointer `meta/LATEST`, not a filesystem.
-        .find(|e| e.file_name() != "meta")
-        .expect("fs dir")
-        .path();
-    let object = fs_dir.join(format!("blobs/{ino}/0/1"));
+    let object = object_path(&store, ino, 0, 1);
     let good = std::fs::read(&object).expect("object");
     assert_eq!(good, data, "the object holds the blob");
 
@@ -549,10 +561,7 @@ fn random_operations_across_evictions_match_a_model() {
     );
     let mut rng = Rng(seed | 1);
     let root = scratch("evict-model");
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).expect("store");
-    let url = format!("file://{}", store.display());
-    let mut m = Mount::start(root.path(), &["--object-store", &url]);
+    let (mut m, _store) = mount_with_file_store(root.path());
     set_policy(&m.mountpoint, "s3");
     let p = m.path("f");
     let max = 150 * MIB as u64;
@@ -641,9 +650,7 @@ fn random_operations_across_evictions_match_a_model() {
 fn same_size_rewrite_of_an_evicted_file_is_uploaded() {
     for (name, mode) in [("pt", &[][..]), ("nopt", &["--no-passthrough"][..])] {
         let root = scratch(&format!("evict-rewrite-{name}"));
-        let store = root.path().join("store");
-        std::fs::create_dir_all(&store).expect("store");
-        let url = format!("file://{}", store.display());
+        let (_store, url) = file_store(root.path());
         let mut args = vec!["--object-store", url.as_str()];
         args.extend_from_slice(mode);
         let mut m = Mount::start(root.path(), &args);
@@ -690,10 +697,7 @@ fn read_sequentially(f: &std::fs::File, len: usize) -> std::io::Result<Vec<u8>> 
 #[test]
 fn sequential_reads_from_fetched_blobs_see_later_writes() {
     let root = scratch("evict-fetched");
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).expect("store");
-    let url = format!("file://{}", store.display());
-    let mut m = Mount::start(root.path(), &["--object-store", &url]);
+    let (mut m, _store) = mount_with_file_store(root.path());
     let mut want = noise(11, 2 * 64 * MIB + 3 * MIB);
     let p = m.path("f");
     write_synced(&p, &want);
@@ -757,10 +761,7 @@ fn sequential_reads_from_fetched_blobs_see_later_writes() {
 #[test]
 fn sequential_read_of_corrupt_blob_gives_eio() {
     let root = scratch("evict-fetched-corrupt");
-    let store = root.path().join("store");
-    std::fs::create_dir_all(&store).expect("store");
-    let url = format!("file://{}", store.display());
-    let mut m = Mount::start(root.path(), &["--object-store", &url]);
+    let (mut m, store) = mount_with_file_store(root.path());
     let data = noise(12, 64 * MIB + 2 * MIB);
     let p = m.path("f");
     write_synced(&p, &data);
@@ -769,13 +770,7 @@ fn sequential_read_of_corrupt_blob_gives_eio() {
         u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 2
     });
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("stat"));
-    let fs_dir = std::fs::read_dir(&store)
-        .expect("store")
-        .flatten()
-        .find(|e| e.file_name() != "meta")
-        .expect("fs dir")
-        .path();
-    let object = fs_dir.join(format!("blobs/{ino}/0/1"));
+    let object = object_path(&store, ino, 0, 1);
     let good = std::fs::read(&object).expect("object");
     let mut bad = good.clone();
     bad[40 * MIB + 9] ^= 0x01;
