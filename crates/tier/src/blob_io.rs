@@ -154,16 +154,23 @@ impl BlobIo {
         match self {
             BlobIo::Portable => {
                 blocking(move || {
-                    let mut buf = vec![0u8; len];
-                    let mut filled = 0;
-                    while filled < buf.len() {
-                        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                            Ok(0) => break,
-                            Ok(n) => filled += n,
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(e),
+                    let fill = |buf: &mut [u8]| {
+                        let mut filled = 0;
+                        while filled < buf.len() {
+                            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                                Ok(0) => break,
+                                Ok(n) => filled += n,
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(e),
+                            }
                         }
+                        Ok(filled)
+                    };
+                    if len <= crate::BLOB_SIZE as usize {
+                        return crate::blob_store::read_into_pooled(len, fill);
                     }
+                    let mut buf = vec![0u8; len];
+                    let filled = fill(&mut buf)?;
                     buf.truncate(filled);
                     Ok(Bytes::from(buf))
                 })
