@@ -64,19 +64,6 @@ fn mount_with_file_store(root: &Path) -> (Mount, PathBuf) {
     (Mount::start(root, &["--object-store", &url]), store)
 }
 
-/// The object of blob `k`, generation `generation`, of `ino` in a directory store holding one
-/// filesystem.
-fn object_path(store: &Path, ino: u64, k: u64, generation: u64) -> PathBuf {
-    let fs_dir = std::fs::read_dir(store)
-        .expect("store")
-        .flatten()
-        // `meta/` holds the checkpoint pointer `meta/LATEST`, not a filesystem.
-        .find(|e| e.file_name() != "meta")
-        .expect("fs dir")
-        .path();
-    fs_dir.join(format!("blobs/{ino}/{k}/{generation}"))
-}
-
 #[test]
 fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
     let root = scratch("evict-tree");
@@ -278,7 +265,7 @@ fn corrupt_object_gives_eio_and_is_reported() {
         u(&s["blobs"]["evicted"]) == 1
     });
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("stat"));
-    let object = object_path(&store, ino, 0, 1);
+    let object = blob_object(&store, &format!("{ino}/0/1"));
     let good = std::fs::read(&object).expect("object");
     assert_eq!(good, data, "the object holds the blob");
 
@@ -770,7 +757,7 @@ fn sequential_read_of_corrupt_blob_gives_eio() {
         u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 2
     });
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&p).expect("stat"));
-    let object = object_path(&store, ino, 0, 1);
+    let object = blob_object(&store, &format!("{ino}/0/1"));
     let good = std::fs::read(&object).expect("object");
     let mut bad = good.clone();
     bad[40 * MIB + 9] ^= 0x01;

@@ -90,16 +90,6 @@ fn wait_for_objects(m: &Mount, store: &Path, want: &BTreeSet<String>) -> serde_j
     }
 }
 
-fn object_path(store: &Path, key: &str) -> PathBuf {
-    let fs_dir = std::fs::read_dir(store)
-        .expect("store")
-        .flatten()
-        .find(|e| e.file_name() != "meta")
-        .expect("fs dir")
-        .path();
-    fs_dir.join("blobs").join(key)
-}
-
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -138,7 +128,7 @@ fn flush_overwrite_and_delete_keep_the_bucket_equal_to_metadata() {
     // Each object holds exactly its blob's bytes.
     let data = std::fs::read(m.path("big")).expect("read big");
     for k in 0..3u64 {
-        let obj = std::fs::read(object_path(&store, &format!("{big}/{k}/1"))).expect("object");
+        let obj = std::fs::read(blob_object(&store, &format!("{big}/{k}/1"))).expect("object");
         let range = (k * BLOB) as usize..((k + 1) * BLOB).min(big_len as u64) as usize;
         assert!(
             obj == data[range],

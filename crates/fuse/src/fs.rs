@@ -177,46 +177,43 @@ impl ClaudeFs {
     /// seen by their effect on size or mtime; `written` says the daemon itself wrote through
     /// the handle, which must queue the file even when size and mtime match (a same-size
     /// rewrite whose mtime the kernel's writeback cache already set with SETATTR). Closing a
-    /// file that was opened for writing but not written costs no metadata commit.
-    pub(crate) fn sync_data_attr(&self, ino: u64, written: bool) -> FsResult<()> {
-        if let Some(d) = DataAttr::read(&self.flash, ino) {
-            if let Ok(inode) = self.meta.inode(ino)
-                && inode.size == d.size
-                && inode.mtime == d.mtime
-            {
-                return if written {
-                    self.data_changed(ino)
-                } else {
-                    Ok(())
-                };
+    /// file that was opened for writing but not written costs no metadata commit. Returns
+    /// the backing file's size as read here (`None`: it has none).
+    pub(crate) fn sync_data_attr(&self, ino: u64, written: bool) -> FsResult<Option<u64>> {
+        let Some(d) = DataAttr::read(&self.flash, ino) else {
+            return Ok(None);
+        };
+        if let Ok(inode) = self.meta.inode(ino)
+            && inode.size == d.size
+            && inode.mtime == d.mtime
+        {
+            if written {
+                self.data_changed(ino)?;
             }
-            let sync = Op::SyncData {
-                ino,
-                size: d.size,
-                atime: d.atime,
-                mtime: d.mtime,
-                ctime: d.ctime,
-            };
-            // With a tier the upload mark goes in the same commit: one commit per file
-            // written and closed, not two.
-            let r = match &self.opts.tier {
-                Some(_) => self
-                    .meta
-                    .execute_batch(&[sync, Op::MarkDirty { ino }])
-                    .map(drop),
-                None => self.meta.execute(&sync).map(drop),
-            };
-            match r {
-                Ok(()) => {
-                    if let Some(tier) = &self.opts.tier {
-                        tier.data_changed(ino);
-                    }
-                }
-                Err(cfs_meta::MetaError::NotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
+            return Ok(Some(d.size));
         }
-        Ok(())
+        let mut ops = vec![Op::SyncData {
+            ino,
+            size: d.size,
+            atime: d.atime,
+            mtime: d.mtime,
+            ctime: d.ctime,
+        }];
+        // With a tier the upload mark goes in the same commit: one commit per file written
+        // and closed, not two.
+        if self.opts.tier.is_some() {
+            ops.push(Op::MarkDirty { ino });
+        }
+        match self.meta.execute_batch(&ops) {
+            Ok(_) => {
+                if let Some(tier) = &self.opts.tier {
+                    tier.data_changed(ino);
+                }
+            }
+            Err(cfs_meta::MetaError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Some(d.size))
     }
 
     /// Queues the file for upload, if there is an object tier.

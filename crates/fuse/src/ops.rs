@@ -817,7 +817,9 @@ impl Filesystem for ClaudeFs {
     ) {
         let handle = self.live.handles.remove(fh.0);
         let r = match &handle {
-            Some(h) if h.writable => self.sync_data_attr(ino.0, h.written.load(Ordering::Relaxed)),
+            Some(h) if h.writable => self
+                .sync_data_attr(ino.0, h.written.load(Ordering::Relaxed))
+                .map(drop),
             _ => Ok(()),
         };
         Self::empty(reply, "release", r);
@@ -847,12 +849,15 @@ impl Filesystem for ClaudeFs {
             } else {
                 h.file.sync_all()?;
             }
-            self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
+            let read = self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
             // fdatasync owes the size, not the times: when this handle already made the
             // current size durable, the data sync above is all (a rewrite in place, such as
             // a database's journal header). A crash then loses at most the new mtime, which
             // recovery re-reads from the backing file, with the upload mark that goes with it.
-            let size = h.file.metadata()?.len();
+            let size = match read {
+                Some(size) => size,
+                None => h.file.metadata()?.len(),
+            };
             if datasync && h.durable_size.load(Ordering::Relaxed) == size {
                 return Ok(());
             }

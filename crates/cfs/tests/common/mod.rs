@@ -275,3 +275,15 @@ pub fn write_synced(path: &Path, data: &[u8]) {
     f.write_all(data).expect("write");
     f.sync_all().expect("fsync");
 }
+
+/// The object `key` (`<ino>/<k>/<generation>`) of blob data in a directory object store that
+/// holds one filesystem (`meta/` beside it holds the checkpoint pointer).
+pub fn blob_object(store: &Path, key: &str) -> PathBuf {
+    let fs_dir = std::fs::read_dir(store)
+        .expect("store")
+        .flatten()
+        .find(|e| e.file_name() != "meta")
+        .expect("fs dir")
+        .path();
+    fs_dir.join("blobs").join(key)
+}
