@@ -377,6 +377,71 @@ impl Drop for S3sFs {
     }
 }
 
+/// The tier policy a file has, or `None` if it has none.
+fn policy_of(path: &Path) -> Option<String> {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.cfs.tier"])
+        .arg(path)
+        .output()
+        .expect("getfattr");
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn directory_policy_reaches_the_files_already_under_it() {
+    let root = scratch("evict-dir-policy");
+    let (mut m, _store) = mount_with_file_store(root.path());
+    std::fs::create_dir_all(m.path("archive/sub")).expect("mkdir");
+    let mut files = Vec::new();
+    for (i, name) in ["archive/a", "archive/sub/b", "archive/sub/c"]
+        .iter()
+        .enumerate()
+    {
+        let data = noise(40 + i as u64, MIB + i * 777);
+        write_synced(&m.path(name), &data);
+        files.push((m.path(name), sha256(&data)));
+    }
+    std::os::unix::fs::symlink("a", m.path("archive/link")).expect("symlink");
+    wait_status(&m, 120, "the files uploaded", |s| {
+        u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 0
+    });
+
+    // Pushing the directory out pushes out what it already holds, subdirectories included.
+    set_policy(&m.path("archive"), "s3");
+    wait_status(&m, 120, "the files under the directory evicted", |s| {
+        u(&s["blobs"]["evicted"]) == 3
+    });
+    assert_eq!(policy_of(&m.path("archive/sub")).as_deref(), Some("s3"));
+    assert_eq!(policy_of(&m.path("archive/sub/c")).as_deref(), Some("s3"));
+    drop_caches();
+    for (p, want) in &files {
+        let data = std::fs::read(p).expect("read back");
+        assert_eq!(&sha256(&data), want, "{} differs", p.display());
+    }
+
+    // A user's walk reaches only what that user owns.
+    std::fs::create_dir(m.path("shared")).expect("mkdir");
+    write_synced(&m.path("shared/theirs"), b"root's");
+    write_synced(&m.path("shared/mine"), b"user's");
+    for p in ["shared", "shared/mine"] {
+        std::os::unix::fs::chown(m.path(p), Some(1000), Some(1000)).expect("chown");
+    }
+    let out = run(Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", "setfattr"])
+        .args(["-n", "user.cfs.tier", "-v", "flash"])
+        .arg(m.path("shared")));
+    assert!(
+        out.status.success(),
+        "setfattr as the owner: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(policy_of(&m.path("shared/mine")).as_deref(), Some("flash"));
+    assert_eq!(policy_of(&m.path("shared/theirs")), None);
+    m.unmount();
+}
+
 /// Mounts a filesystem in `root` whose object store is `server`'s bucket.
 fn mount_on(server: &S3sFs, root: &Path, extra: &[&str]) -> Mount {
     let mountpoint = root.join("mnt");
@@ -518,6 +583,46 @@ fn full_flash_with_the_store_down_gives_enospc_and_recovers() {
         let got = std::fs::read(p).expect("read back");
         assert_eq!(&sha256(&got), want, "{} differs", p.display());
     }
+    m.unmount();
+}
+
+/// Without passthrough every write reaches the daemon, so the cap holds for a handle opened
+/// while there was room: its writes wait for room like a create and, with the store down,
+/// fail with `ENOSPC`. Nothing written before is lost.
+#[test]
+fn full_flash_stops_writes_through_an_open_handle_without_passthrough() {
+    let root = scratch("evict-enospc-open");
+    let mut server = S3sFs::new(root.path().join("s3"), "bucket");
+    let mut m = mount_on(
+        &server,
+        root.path(),
+        &["--no-passthrough", "--flash-capacity", "24M"],
+    );
+    let p = m.path("f");
+    let mut f = std::fs::File::create(&p).expect("create with room");
+    server.stop();
+    let mut written = Vec::new();
+    let err = loop {
+        let chunk = noise(written.len() as u64 + 1, MIB);
+        match f.write_all(&chunk).and_then(|()| f.sync_data()) {
+            Ok(()) => written.extend_from_slice(&chunk),
+            Err(e) => break e,
+        }
+        assert!(
+            written.len() <= 64 * MIB,
+            "64 MiB written through 24 MiB of flash with the store down"
+        );
+        // Usage is measured about once a second.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    drop(f);
+    server.start();
+    let got = std::fs::read(&p).expect("read back");
+    assert!(
+        got.len() >= written.len() && got[..written.len()] == written[..],
+        "what was written before ENOSPC is intact"
+    );
     m.unmount();
 }
 

@@ -9,6 +9,7 @@ mod fs;
 mod handles;
 mod ops;
 mod purger;
+mod tier_tree;
 
 pub use attr::DataAttr;
 pub use errno::{FsError, FsResult, from_io, from_meta};

@@ -775,6 +775,9 @@ impl Filesystem for ClaudeFs {
         reply: ReplyWrite,
     ) {
         let r = self.handle(fh).and_then(|h| {
+            // Writes the daemon sees (no passthrough, or a cold file) wait for room like a
+            // create does, so a handle opened before flash filled cannot overrun it.
+            self.admit_write()?;
             if h.cold {
                 self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
             }
@@ -990,19 +993,32 @@ impl Filesystem for ClaudeFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let r = self.meta.execute(&Op::SetXattr {
+        let at = now();
+        let mut r = self.meta.execute(&Op::SetXattr {
             ino: ino.0,
             name: name.as_bytes().to_vec(),
             value: value.to_vec(),
             mode,
-            caller,
-            now: now(),
+            caller: caller.clone(),
+            now: at,
         });
-        if r.is_ok()
-            && is_policy
-            && let Some(tier) = &self.opts.tier
-        {
-            tier.policy_changed(ino.0);
+        if r.is_ok() && is_policy {
+            let mut changed = vec![ino.0];
+            // A directory's policy also reaches what is already under it (see tier_tree).
+            if matches!(self.meta.inode(ino.0), Ok(i) if i.kind == FileKind::Dir) {
+                match crate::tier_tree::apply_below(&self.meta, ino.0, value, &caller, at) {
+                    Ok(files) => {
+                        tracing::info!(dir = ino.0, files = files.len(), policy = %String::from_utf8_lossy(value), "tier policy set on a directory and the files under it");
+                        changed.extend(files);
+                    }
+                    Err(e) => r = Err(e),
+                }
+            }
+            if let Some(tier) = &self.opts.tier {
+                for f in changed {
+                    tier.policy_changed(f);
+                }
+            }
         }
         Self::empty(reply, "setxattr", r.map(|_| ()).map_err(Into::into));
     }
