@@ -128,7 +128,9 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         t.attach(fs.live());
     }
     let ready_fd = take_ready_fd();
+    let ra_mountpoint = mountpoint.to_path_buf();
     fs.on_init(move |pt| {
+        raise_readahead(ra_mountpoint);
         if let Some(fd) = ready_fd {
             let mut f = std::fs::File::from(fd);
             let _ = writeln!(f, "ready passthrough={pt}");
@@ -199,6 +201,44 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     dir.mark_clean()?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted cleanly");
     Ok(())
+}
+
+/// Readahead, in KiB, for reads the daemon serves: the 1 MiB of one FUSE read (max_readahead).
+const READAHEAD_KB: u32 = 1024;
+
+/// Lets the kernel read ahead a whole FUSE read (1 MiB) on the daemon's data path (cold files
+/// and `--no-passthrough`). FUSE caps readahead at the device default of 128 KiB whatever the
+/// daemon asks for, so a sequential reader would cost eight requests per MiB; the cap is the
+/// mount's `read_ahead_kb` in sysfs, which root may raise. Done from a thread that first waits
+/// for the mount to answer (the kernel sets the cap while it handles our INIT reply, after
+/// this callback), and given up with a log line if sysfs refuses (not root).
+fn raise_readahead(mountpoint: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name("cfs-readahead".into())
+        .spawn(move || {
+            use std::os::unix::fs::MetadataExt;
+            let dev = match std::fs::metadata(&mountpoint) {
+                Ok(m) => m.dev(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "readahead left at the default: cannot stat the mount");
+                    return;
+                }
+            };
+            let path = format!(
+                "/sys/class/bdi/{}:{}/read_ahead_kb",
+                libc::major(dev),
+                libc::minor(dev)
+            );
+            match std::fs::write(&path, format!("{READAHEAD_KB}\n")) {
+                Ok(()) => tracing::debug!(path, kb = READAHEAD_KB, "readahead raised"),
+                Err(e) => {
+                    tracing::debug!(path, error = %e, "readahead left at the kernel's default")
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::debug!(error = %e, "readahead left at the default: no thread");
+    }
 }
 
 /// Decides which object store this mount uses: the one the data dir is bound to, else the

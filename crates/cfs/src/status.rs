@@ -91,6 +91,12 @@ pub struct FlashTier {
     pub blobs_hydrated: u64,
     pub bytes_hydrated: u64,
     pub prefetches: u64,
+    /// Blobs fetched for sequential readers of files pinned to the store (`s3`), served
+    /// from memory and not written back to flash, and their bytes.
+    #[serde(default)]
+    pub blobs_streamed: u64,
+    #[serde(default)]
+    pub bytes_streamed: u64,
     /// Reads of evicted blobs served by a ranged GET of the 1 MiB pieces they touch, and
     /// the bytes those GETs fetched.
     #[serde(default)]
@@ -184,6 +190,8 @@ impl Status {
                 blobs_hydrated: t.hydrate.blobs_hydrated.load(Relaxed),
                 bytes_hydrated: t.hydrate.bytes_hydrated.load(Relaxed),
                 prefetches: t.hydrate.prefetches.load(Relaxed),
+                blobs_streamed: t.hydrate.blobs_streamed.load(Relaxed),
+                bytes_streamed: t.hydrate.bytes_streamed.load(Relaxed),
                 ranged_reads: t.hydrate.ranged_reads.load(Relaxed),
                 ranged_bytes: t.hydrate.ranged_bytes.load(Relaxed),
                 corrupt_objects: t.hydrate.corrupt.load(Relaxed),
@@ -240,7 +248,7 @@ impl Status {
         );
         if let Some(f) = &self.flash_tier {
             println!(
-                "flash tier   {:.2} of {:.2} GiB ({:.0}%), watermarks {}%/{}%; {} blobs evicted, {} hydrated ({} prefetched), {} reads by ranged GET",
+                "flash tier   {:.2} of {:.2} GiB ({:.0}%), watermarks {}%/{}%; {} blobs evicted, {} hydrated ({} prefetched), {} streamed to readers, {} reads by ranged GET",
                 gib(f.used_bytes),
                 gib(f.capacity_bytes),
                 if f.capacity_bytes > 0 {
@@ -253,6 +261,7 @@ impl Status {
                 f.blobs_evicted,
                 f.blobs_hydrated,
                 f.prefetches,
+                f.blobs_streamed,
                 f.ranged_reads
             );
             println!(

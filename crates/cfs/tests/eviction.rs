@@ -223,9 +223,23 @@ fn evicted_file_reads_writes_and_truncates_like_any_other() {
         u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 3
     });
     drop_caches();
+    let before = status(&m);
     let data = std::fs::read(&p).expect("read");
     assert_eq!(data.len(), want.len());
     assert!(data == want, "content differs after write and truncate");
+    // Pinned to the store, the file is read from it without coming back onto flash.
+    let s = status(&m);
+    let counter = |s: &serde_json::Value, name: &str| u(&s["flash_tier"][name]);
+    assert!(
+        counter(&s, "blobs_streamed") >= counter(&before, "blobs_streamed") + 3,
+        "{s:#}"
+    );
+    assert_eq!(
+        counter(&s, "blobs_hydrated"),
+        counter(&before, "blobs_hydrated"),
+        "{s:#}"
+    );
+    assert_eq!(u(&s["blobs"]["evicted"]), 3, "{s:#}");
 
     // Holes are not reported where evicted data is (cp, tar --sparse rely on SEEK_DATA).
     wait_status(&m, 120, "evicted again", |s| u(&s["blobs"]["evicted"]) == 3);

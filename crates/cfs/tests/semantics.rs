@@ -276,6 +276,25 @@ fn statfs_timestamps_and_inode_numbers() {
         "statfs reports the flash capacity"
     );
     assert_eq!(fs.name_max(), 255);
+    // The daemon's data path reads ahead one whole FUSE read (the kernel's default is 128 KiB).
+    let dev = std::fs::metadata(&m.mountpoint).expect("stat mount").dev();
+    let sysfs = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::fs::read_to_string(&sysfs)
+        .expect("read_ahead_kb")
+        .trim()
+        != "1024"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "readahead of the mount not raised to 1024 KiB"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     let f = m.path("t");
     std::fs::write(&f, b"x").expect("write");

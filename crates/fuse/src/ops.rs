@@ -222,9 +222,10 @@ impl ClaudeFs {
     /// A read on a handle opened cold. Any read but a sequential one that falls in an
     /// evicted blob is served from the object store by one ranged GET when it can be (the
     /// bytes are returned): its first byte waits for a small GET, not for a whole blob.
-    /// Otherwise the blobs the read touches are brought back (`None`: read flash) and, for
-    /// a sequential reader, the next [`PREFETCH_BLOBS`] blobs are started, so that GETs
-    /// overlap each other and the reader.
+    /// Otherwise the read is served from its blob's fetched bytes, or the blobs it touches
+    /// are brought back (`None`: read flash); for a sequential reader, the next
+    /// [`PREFETCH_BLOBS`] blobs are started first, so that GETs overlap each other and the
+    /// reader.
     fn cold_read(
         &self,
         h: &crate::handles::Handle,
@@ -258,7 +259,10 @@ impl ClaudeFs {
                 tier.prefetch(h.ino, k);
             }
         }
-        if sequential && let Some(data) = self.fetched_read(h.ino, offset, end)? {
+        // Also for a read that is not sequential but that no ranged GET could serve (its
+        // blob is being fetched whole, say, for a sequential reader whose readahead arrived
+        // out of order): the fetched bytes are as good as flash.
+        if let Some(data) = self.fetched_read(h.ino, offset, end)? {
             return Ok(Some(data));
         }
         self.ensure_present(h.ino, offset..end)?;
@@ -269,13 +273,37 @@ impl ClaudeFs {
     /// evicted or was fetched lately: served from the verified GET body, so a sequential
     /// reader waits neither for the blob's write to flash nor for reading it back.
     fn fetched_read(&self, ino: u64, offset: u64, end: u64) -> FsResult<Option<ReadData>> {
+        if end <= offset {
+            return Ok(None);
+        }
+        let k = offset / crate::BLOB_SIZE;
+        let boundary = (k + 1) * crate::BLOB_SIZE;
+        if end <= boundary {
+            return self.fetched_slice(ino, offset, end);
+        }
+        // A read across two blobs (readahead windows need not stop at a blob's end): both
+        // halves from fetched bytes, or neither.
+        if (end - 1) / crate::BLOB_SIZE != k + 1 {
+            return Ok(None);
+        }
+        let (Some(head), Some(tail)) = (
+            self.fetched_slice(ino, offset, boundary)?,
+            self.fetched_slice(ino, boundary, end)?,
+        ) else {
+            return Ok(None);
+        };
+        let mut joined = Vec::with_capacity((end - offset) as usize);
+        joined.extend_from_slice(head.bytes());
+        joined.extend_from_slice(tail.bytes());
+        Ok(Some(ReadData::Owned(joined)))
+    }
+
+    /// Bytes `offset..end`, within one blob, from that blob's fetched bytes.
+    fn fetched_slice(&self, ino: u64, offset: u64, end: u64) -> FsResult<Option<ReadData>> {
         let Some(tier) = &self.opts.tier else {
             return Ok(None);
         };
         let k = offset / crate::BLOB_SIZE;
-        if end <= offset || (end - 1) / crate::BLOB_SIZE != k {
-            return Ok(None);
-        }
         let blob = match tier.read_blob(ino, k) {
             Ok(Some(blob)) => blob,
             Ok(None) => return Ok(None),

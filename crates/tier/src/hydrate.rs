@@ -11,6 +11,12 @@
 //! piece checksums recorded at upload, and leaves the blob evicted. A blob read that way a
 //! second time is fetched whole in the background, so a working set settles on flash.
 //!
+//! A sequential reader of a file pinned to the object store (`user.cfs.tier=s3`) is served
+//! from the fetched bytes alone: they are not written back to flash, where the policy would
+//! only evict them again, so reading a cold file larger than flash neither fills flash nor
+//! makes eviction run behind the reader. Writes, and random reads that keep coming back to
+//! one blob, still bring it back on flash.
+//!
 //! A corrupt or short object is never written: the caller gets an error (`EIO` to the
 //! application), the log says which key, and the `corrupt` counter goes up.
 
@@ -31,6 +37,9 @@ pub struct HydrateStats {
     pub blobs_hydrated: AtomicU64,
     pub bytes_hydrated: AtomicU64,
     pub prefetches: AtomicU64,
+    /// Blobs fetched for readers of files pinned to the store, and not kept on flash.
+    pub blobs_streamed: AtomicU64,
+    pub bytes_streamed: AtomicU64,
     /// Reads served by a ranged GET of part of an evicted blob, and their bytes.
     pub ranged_reads: AtomicU64,
     pub ranged_bytes: AtomicU64,
@@ -68,6 +77,14 @@ struct RecentBlob {
     k: u64,
     generation: u64,
     data: Bytes,
+}
+
+/// Why a blob is fetched: for a reader, who needs its bytes only, or to have it on flash
+/// again (a write, a truncation, a blob that random reads keep coming back to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Read,
+    Restore,
 }
 
 /// Fetched blobs kept for readers: the blob being read plus the four a sequential reader
@@ -134,7 +151,18 @@ impl Hydrator {
     /// Starts bringing blob `k` back in the background, if it is evicted; for sequential
     /// readers, so that the next blob is on flash by the time they reach it.
     pub fn prefetch(self: &Arc<Self>, ino: Ino, k: u64) {
-        if !matches!(self.meta.evicted_blob(ino, k), Ok(Some(_))) {
+        self.fetch_in_background(ino, k, Purpose::Read);
+    }
+
+    fn fetch_in_background(self: &Arc<Self>, ino: Ino, k: u64, purpose: Purpose) {
+        let Ok(Some(record)) = self.meta.evicted_blob(ino, k) else {
+            return;
+        };
+        // A reader's blob that is fetched already, or being fetched.
+        if purpose == Purpose::Read
+            && (self.recent_blob(ino, k, Some(record.generation)).is_some()
+                || self.inflight.lock().contains_key(&(ino, k)))
+        {
             return;
         }
         self.stats.prefetches.fetch_add(1, Ordering::Relaxed);
@@ -143,7 +171,7 @@ impl Hydrator {
         let flight = self.flight(ino, k);
         let this = Arc::clone(self);
         self.runtime.spawn(async move {
-            if let Err(e) = this.fly(ino, k, flight).await {
+            if let Err(e) = this.fly(ino, k, flight, purpose).await {
                 tracing::debug!(ino, k, error = %e, "prefetch failed; the read will retry");
             }
         });
@@ -180,6 +208,12 @@ impl Hydrator {
         let piece = cfs_meta::BLOB_CHUNK;
         let at = offset - k * BLOB_SIZE;
         let end = at + len;
+        // Fetched whole lately (a sequential reader's readahead can arrive out of order).
+        if let Some(data) = self.recent_blob(ino, k, Some(generation))
+            && end as usize <= data.len()
+        {
+            return Ok(Some(data.slice(at as usize..end as usize)));
+        }
         if record.chunks.len() as u64 != record.len.div_ceil(piece) || end > record.len {
             return Ok(None);
         }
@@ -223,7 +257,7 @@ impl Hydrator {
             again
         };
         if again {
-            self.prefetch(ino, k);
+            self.fetch_in_background(ino, k, Purpose::Restore);
         }
         Ok(Some(
             body.slice((at - start) as usize..(end - start) as usize),
@@ -248,7 +282,7 @@ impl Hydrator {
         let this = Arc::clone(self);
         let task = self
             .runtime
-            .spawn(async move { this.fly(ino, k, flight).await });
+            .spawn(async move { this.fly(ino, k, flight, Purpose::Read).await });
         let this = Arc::clone(self);
         self.runtime
             .block_on(async move { this.await_blob(ino, k, task).await })
@@ -336,14 +370,20 @@ impl Hydrator {
 
     pub async fn hydrate(self: Arc<Self>, ino: Ino, k: u64) -> Result<()> {
         let flight = self.flight(ino, k);
-        self.fly(ino, k, flight).await
+        self.fly(ino, k, flight, Purpose::Restore).await
     }
 
     /// Hydrates blob `k` of `ino` as part of `flight`, then leaves it.
-    async fn fly(self: Arc<Self>, ino: Ino, k: u64, flight: Arc<Flight>) -> Result<()> {
+    async fn fly(
+        self: Arc<Self>,
+        ino: Ino,
+        k: u64,
+        flight: Arc<Flight>,
+        purpose: Purpose,
+    ) -> Result<()> {
         let result = {
             let _held = flight.lock.lock().await;
-            self.hydrate_locked(ino, k, &flight).await
+            self.hydrate_locked(ino, k, &flight, purpose).await
         };
         // `flight` is still held here: the map's entry and ours make two.
         {
@@ -361,11 +401,27 @@ impl Hydrator {
         result
     }
 
-    async fn hydrate_locked(&self, ino: Ino, k: u64, flight: &Flight) -> Result<()> {
+    /// True if `ino`'s data is pinned to the object store (`user.cfs.tier=s3`).
+    fn pinned_to_store(&self, ino: Ino) -> bool {
+        matches!(self.meta.xattr(ino, cfs_meta::TIER_XATTR), Ok(v) if v == b"s3")
+    }
+
+    async fn hydrate_locked(
+        &self,
+        ino: Ino,
+        k: u64,
+        flight: &Flight,
+        purpose: Purpose,
+    ) -> Result<()> {
         let Some(record) = self.meta.evicted_blob(ino, k).map_err(meta_err)? else {
             return Ok(());
         };
         let generation = record.generation;
+        let stream = purpose == Purpose::Read && self.pinned_to_store(ino);
+        // A reader's fetch that an earlier flight of this blob already served.
+        if stream && self.recent_blob(ino, k, Some(generation)).is_some() {
+            return Ok(());
+        }
         let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
         let started = Instant::now();
         let data = match self
@@ -382,6 +438,14 @@ impl Hydrator {
             Err(e) => return Err(e),
         };
         self.publish(flight, ino, k, generation, &data);
+        if stream {
+            self.stats.blobs_streamed.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .bytes_streamed
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            tracing::debug!(ino, k, elapsed = ?started.elapsed(), "blob fetched for a reader, not kept on flash (pinned to the store)");
+            return Ok(());
+        }
         let offset = k * BLOB_SIZE;
         // On a task of its own, so that the write runs to the end (times restored, the
         // blob recorded) even if whoever awaits this stops waiting.
