@@ -154,48 +154,25 @@ impl BlobIo {
         match self {
             BlobIo::Portable => {
                 blocking(move || {
-                    let fill = |buf: &mut [u8]| {
-                        let mut filled = 0;
-                        while filled < buf.len() {
-                            match file.read_at(&mut buf[filled..], offset + filled as u64) {
-                                Ok(0) => break,
-                                Ok(n) => filled += n,
-                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                Err(e) => return Err(e),
-                            }
-                        }
-                        Ok(filled)
-                    };
+                    // A whole blob at an aligned offset into an aligned buffer is read past
+                    // the page cache, so the CPU copies nothing (the kernel first writes
+                    // back any dirty pages of the range, so the bytes are the same).
                     if len == crate::BLOB_SIZE as usize
+                        && offset.is_multiple_of(crate::blob_store::DIRECT_ALIGN as u64)
                         && let Some(direct) = reopen_direct(&file)
+                        && let Ok(bytes) = crate::blob_store::read_into_pooled(len, |buf| {
+                            read_full(&direct, buf, offset)
+                        })
                     {
-                        // A whole blob at an aligned offset into an aligned buffer: read
-                        // past the page cache, so the CPU copies nothing (the kernel first
-                        // writes back any dirty pages of the range, so the bytes are the
-                        // same).
-                        let fill_direct = |buf: &mut [u8]| {
-                            let mut filled = 0;
-                            while filled < buf.len() {
-                                match direct.read_at(&mut buf[filled..], offset + filled as u64) {
-                                    Ok(0) => break,
-                                    Ok(n) => filled += n,
-                                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                    Err(e) => return Err(e),
-                                }
-                            }
-                            Ok(filled)
-                        };
-                        if offset.is_multiple_of(crate::blob_store::DIRECT_ALIGN as u64)
-                            && let Ok(bytes) = crate::blob_store::read_into_pooled(len, fill_direct)
-                        {
-                            return Ok(bytes);
-                        }
+                        return Ok(bytes);
                     }
                     if len <= crate::BLOB_SIZE as usize {
-                        return crate::blob_store::read_into_pooled(len, fill);
+                        return crate::blob_store::read_into_pooled(len, |buf| {
+                            read_full(&file, buf, offset)
+                        });
                     }
                     let mut buf = vec![0u8; len];
-                    let filled = fill(&mut buf)?;
+                    let filled = read_full(&file, &mut buf, offset)?;
                     buf.truncate(filled);
                     Ok(Bytes::from(buf))
                 })
@@ -218,6 +195,20 @@ impl BlobIo {
             BlobIo::Uring(u) => u.write_at_sync(file, offset, data).await,
         }
     }
+}
+
+/// Fills `buf` from `file` at `offset`; fewer bytes only where the file ends.
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// A second open of `file` with `O_DIRECT`, through `/proc/self/fd`, or `None` where the
