@@ -178,7 +178,7 @@ fn metadata_survives_clean_remount() {
     std::fs::write(m.path("a/b/c/f"), b"payload").expect("write");
     std::os::unix::fs::symlink("c/f", m.path("a/b/l")).expect("symlink");
     std::fs::hard_link(m.path("a/b/c/f"), m.path("a/h")).expect("link");
-    xattr_set(&m.path("a/h"), "user.k", b"v");
+    setxattr(&m.path("a/h"), "user.k", "v");
     let ino_before = std::fs::metadata(m.path("a/b/c/f"))
         .map(|md| std::os::unix::fs::MetadataExt::ino(&md))
         .expect("stat");
@@ -195,19 +195,8 @@ fn metadata_survives_clean_remount() {
         ino_before,
         "inode numbers are stable"
     );
-    assert_eq!(xattr_get(&m.path("a/h"), "user.k"), b"v");
-}
-
-fn xattr_set(path: &std::path::Path, name: &str, value: &[u8]) {
-    run(std::process::Command::new("setfattr")
-        .args(["-n", name, "-v"])
-        .arg(String::from_utf8_lossy(value).to_string())
-        .arg(path));
-}
-
-fn xattr_get(path: &std::path::Path, name: &str) -> Vec<u8> {
-    let out = run(std::process::Command::new("getfattr")
-        .args(["--only-values", "-n", name])
-        .arg(path));
-    out.stdout
+    assert_eq!(
+        getxattr(&m.path("a/h"), "user.k").as_deref(),
+        Some(&b"v"[..])
+    );
 }

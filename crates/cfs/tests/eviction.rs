@@ -40,14 +40,12 @@ fn drop_caches() {
 }
 
 fn set_policy(path: &Path, policy: &str) {
-    let out = run(Command::new("setfattr")
-        .args(["-n", "user.cfs.tier", "-v", policy])
-        .arg(path));
-    assert!(
-        out.status.success(),
-        "setfattr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    setxattr(path, "user.cfs.tier", policy);
+}
+
+/// The tier policy a file has, or `None` if it has none.
+fn policy_of(path: &Path) -> Option<String> {
+    getxattr(path, "user.cfs.tier").map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
 /// A directory object store under `root` (`file://`), and its URL.
@@ -254,10 +252,7 @@ fn evicted_file_reads_writes_and_truncates_like_any_other() {
     set_policy(&m.path("pinned"), "flash");
     let q = m.path("pinned/file");
     write_synced(&q, &noise(8, 3 * MIB));
-    let out = run(Command::new("getfattr")
-        .args(["--only-values", "-n", "user.cfs.tier"])
-        .arg(&q));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "flash");
+    assert_eq!(policy_of(&q).as_deref(), Some("flash"));
     let out = Command::new("setfattr")
         .args(["-n", "user.cfs.tier", "-v", "tape"])
         .arg(&q)
@@ -389,18 +384,6 @@ impl Drop for S3sFs {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// The tier policy a file has, or `None` if it has none.
-fn policy_of(path: &Path) -> Option<String> {
-    let out = Command::new("getfattr")
-        .args(["--only-values", "-n", "user.cfs.tier"])
-        .arg(path)
-        .output()
-        .expect("getfattr");
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[test]

@@ -120,12 +120,6 @@ fn xattrs(root: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn setxattr(path: &Path, name: &str, value: &str) {
-    run(Command::new("setfattr")
-        .args(["-h", "-n", name, "-v", value])
-        .arg(path));
-}
-
 /// Writes the test tree: directories, files of several sizes (empty, small, a sparse one,
 /// exactly one blob, and one over two blobs rewritten in its middle blob), a symlink, a
 /// dangling symlink, a hard link, a fifo, xattrs, changed modes and an old mtime. Returns

@@ -382,13 +382,13 @@ const GET_BUFFER_CAPACITY: usize = BLOB_SIZE as usize + DIRECT_ALIGN;
 /// `Bytes` of it is dropped. Shared by GETs and by the uploader's reads of blobs off flash,
 /// which faulted in and zeroed a fresh 64 MiB for every blob (a fifth of the daemon's CPU
 /// during a flush).
-pub(crate) struct GetBuffer {
+struct GetBuffer {
     buf: Vec<u8>,
     start: usize,
 }
 
 impl GetBuffer {
-    pub(crate) fn take() -> GetBuffer {
+    fn take() -> GetBuffer {
         let idle = IDLE_BUFFERS.lock().pop();
         let mut buf = idle.unwrap_or_else(|| Vec::with_capacity(GET_BUFFER_CAPACITY));
         // Within the capacity, so the buffer never moves and `start` stays aligned.

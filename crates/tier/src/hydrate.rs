@@ -180,8 +180,9 @@ impl Hydrator {
     /// Bytes `offset..offset + len` of `ino`, if they lie in one evicted blob whose piece
     /// checksums are recorded and that no one is fetching already: then from one ranged GET
     /// of the pieces they touch, verified, without waiting for the rest of the blob.
-    /// `Ok(None)` means "fetch the blob instead" (present, being fetched, spanning two
-    /// blobs, or recorded without piece checksums). Blocks the calling (non-async) thread.
+    /// `Ok(None)` means "fetch the blob instead" (present, being fetched or fetched lately,
+    /// spanning two blobs, or recorded without piece checksums). Blocks the calling
+    /// (non-async) thread.
     pub fn read_range(self: &Arc<Self>, ino: Ino, offset: u64, len: u64) -> Result<Option<Bytes>> {
         let this = Arc::clone(self);
         self.runtime
@@ -208,11 +209,10 @@ impl Hydrator {
         let piece = cfs_meta::BLOB_CHUNK;
         let at = offset - k * BLOB_SIZE;
         let end = at + len;
-        // Fetched whole lately (a sequential reader's readahead can arrive out of order).
-        if let Some(data) = self.recent_blob(ino, k, Some(generation))
-            && end as usize <= data.len()
-        {
-            return Ok(Some(data.slice(at as usize..end as usize)));
+        // Fetched whole lately: the caller serves it from those bytes (a sequential
+        // reader's readahead can arrive out of order).
+        if self.recent_blob(ino, k, Some(generation)).is_some() {
+            return Ok(None);
         }
         if record.chunks.len() as u64 != record.len.div_ceil(piece) || end > record.len {
             return Ok(None);

@@ -211,6 +211,24 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// Sets extended attribute `name` of `path` (not following a symlink) with `setfattr`,
+/// panicking if it fails.
+pub fn setxattr(path: &Path, name: &str, value: &str) {
+    run(Command::new("setfattr")
+        .args(["-h", "-n", name, "-v", value])
+        .arg(path));
+}
+
+/// Extended attribute `name` of `path`, read with `getfattr`; `None` if it has none.
+pub fn getxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", name])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run getfattr: {e}"));
+    out.status.success().then_some(out.stdout)
+}
+
 /// Finds a tool the test suite needs, with a pointer to the installer if it is missing.
 pub fn tool(name: &str) -> PathBuf {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
