@@ -11,7 +11,10 @@
 //! filesystem: ext4 without a journal skips every inode freed in the last minutes when it
 //! allocates one, which made each create under churn cost hundreds of microseconds.
 
+mod moves;
 mod spare;
+
+pub use moves::{Change, FileTimes, Stat};
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -26,6 +29,7 @@ pub type Ino = u64;
 pub struct FlashDir {
     root: PathBuf,
     spares: std::sync::Arc<spare::Spares>,
+    moves: std::sync::Arc<moves::Moves>,
 }
 
 /// One backing file found by [`FlashDir::scan`].
@@ -65,6 +69,7 @@ impl FlashDir {
         Ok(FlashDir {
             root: root.to_path_buf(),
             spares: std::sync::Arc::new(spare::Spares::new(root.join(spare::DIR))),
+            moves: std::sync::Arc::default(),
         })
     }
 
@@ -143,6 +148,37 @@ impl FlashDir {
         fs::metadata(self.path(ino))
     }
 
+    /// The backing file's attributes with the times users see: while a blob moves in or out
+    /// (see [`FlashDir::keep_times`]), the times from before the move.
+    pub fn stat(&self, ino: Ino) -> io::Result<Stat> {
+        let path = self.path(ino);
+        self.moves.stat(ino, || fs::metadata(&path))
+    }
+
+    /// Runs `op`, which moves data of `ino` in or out of `file` (its backing file), without
+    /// users seeing the file's atime or mtime change, then or meanwhile: bringing a blob back
+    /// or evicting it is not a change of the file.
+    pub fn keep_times<R>(
+        &self,
+        ino: Ino,
+        file: &File,
+        op: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        self.moves.keep_times(ino, file, op)
+    }
+
+    /// Call before a user's change of a file's data or times that the daemon makes, and pass
+    /// the result to [`FlashDir::changed`] after it.
+    pub fn change_begins(&self) -> u64 {
+        self.moves.change_begins()
+    }
+
+    /// Records a user's change of `ino` through `file`, begun at `since`, so that a blob
+    /// moving meanwhile does not put back the times from before it.
+    pub fn changed(&self, ino: Ino, file: &File, since: u64, change: Change) -> io::Result<()> {
+        self.moves.changed(ino, file, since, change)
+    }
+
     /// Every backing file present, with its size and allocated bytes. Files whose names are
     /// not ours are returned as `Err(path)` so fsck can report them.
     pub fn scan(&self) -> io::Result<Vec<ScanEntry>> {
@@ -180,18 +216,21 @@ impl FlashDir {
     /// change of the file's data. Returns the bytes freed.
     pub fn punch(&self, ino: Ino, range: std::ops::Range<u64>) -> io::Result<u64> {
         let file = self.open_rw(ino)?;
-        let before = file.metadata()?;
+        let before = file.metadata()?.blocks();
         let len = range.end.saturating_sub(range.start);
-        nix::fcntl::fallocate(
-            &file,
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            i64::try_from(range.start).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-            i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-        )?;
-        restore_times(&file, &before)?;
-        let after = file.metadata()?;
-        Ok(before.blocks().saturating_sub(after.blocks()) * 512)
+        self.keep_times(ino, &file, || {
+            nix::fcntl::fallocate(
+                &file,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                i64::try_from(range.start)
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+                i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            )?;
+            Ok(())
+        })?;
+        let after = file.metadata()?.blocks();
+        Ok(before.saturating_sub(after) * 512)
     }
 
     /// Writes `data` at `offset` of the backing file and makes it durable, keeping the file's
@@ -199,10 +238,10 @@ impl FlashDir {
     pub fn fill(&self, ino: Ino, offset: u64, data: &[u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let file = self.open_rw(ino)?;
-        let before = file.metadata()?;
-        file.write_all_at(data, offset)?;
-        file.sync_data()?;
-        restore_times(&file, &before)
+        self.keep_times(ino, &file, || {
+            file.write_all_at(data, offset)?;
+            file.sync_data()
+        })
     }
 
     /// The capacity of the filesystem under the flash directory.
@@ -217,16 +256,6 @@ impl FlashDir {
             files_free: st.files_free() as u64,
         })
     }
-}
-
-/// Puts back the atime and mtime `md` recorded (taken before a punch or a fill): moving a
-/// blob between flash and the object store is not a change of the file's data, and users see
-/// those times. Public for the tier's hydrator, which writes blobs through its own I/O backend.
-pub fn restore_times(file: &File, md: &fs::Metadata) -> io::Result<()> {
-    let atime = nix::sys::time::TimeSpec::new(md.atime(), md.atime_nsec());
-    let mtime = nix::sys::time::TimeSpec::new(md.mtime(), md.mtime_nsec());
-    nix::sys::stat::futimens(file, &atime, &mtime)?;
-    Ok(())
 }
 
 /// True if `name` is the canonical spelling of `ino`, so stray files are never mistaken

@@ -35,25 +35,33 @@ pub struct DataAttr {
 }
 
 impl DataAttr {
+    /// The attributes of a backing file as stat shows them; for recovery, when no blob moves.
     pub fn from_metadata(md: &std::fs::Metadata) -> DataAttr {
-        let ts = |secs: i64, nanos: i64| Timestamp {
+        DataAttr::with_times(md, &cfs_flash::FileTimes::of(md))
+    }
+
+    /// The attributes users see of `ino`'s backing file, if it has one: with the times from
+    /// before a blob move that is running (see [`FlashDir::keep_times`]).
+    pub fn read(flash: &FlashDir, ino: u64) -> Option<DataAttr> {
+        let stat = flash.stat(ino).ok()?;
+        Some(DataAttr::with_times(&stat.metadata, &stat.times))
+    }
+
+    fn with_times(md: &std::fs::Metadata, times: &cfs_flash::FileTimes) -> DataAttr {
+        let ts = |(secs, nanos): (i64, i64)| Timestamp {
             secs,
             nanos: nanos.clamp(0, 999_999_999) as u32,
         };
+        let mtime = ts(times.mtime);
         DataAttr {
             size: md.len(),
             blocks: md.blocks(),
-            atime: ts(md.atime(), md.atime_nsec()),
-            mtime: ts(md.mtime(), md.mtime_nsec()),
-            ctime: ts(md.ctime(), md.ctime_nsec()).min(ts(md.mtime(), md.mtime_nsec())),
+            atime: ts(times.atime),
+            mtime,
+            // The backing file's ctime also moves with renames and blob moves, which are no
+            // change of the data; the inode's own ctime covers the rest.
+            ctime: ts((md.ctime(), md.ctime_nsec())).min(mtime),
         }
-    }
-
-    pub fn read(flash: &FlashDir, ino: u64) -> Option<DataAttr> {
-        flash
-            .metadata(ino)
-            .ok()
-            .map(|md| DataAttr::from_metadata(&md))
     }
 }
 

@@ -216,6 +216,25 @@ impl ClaudeFs {
         Ok(Some(d.size))
     }
 
+    /// Runs `op`, a change a user makes to `ino`'s data or times through `file`, so that a
+    /// blob moving in or out meanwhile does not put back the times from before it (see
+    /// [`FlashDir::changed`]).
+    pub(crate) fn user_change<R>(
+        &self,
+        ino: u64,
+        file: &std::fs::File,
+        change: cfs_flash::Change,
+        op: impl FnOnce() -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
+        let since = self.flash.change_begins();
+        let result = op();
+        // Also after a failed change, which may have landed in part.
+        let recorded = self.flash.changed(ino, file, since, change);
+        let value = result?;
+        recorded?;
+        Ok(value)
+    }
+
     /// Queues the file for upload, if there is an object tier.
     pub(crate) fn data_changed(&self, ino: u64) -> FsResult<()> {
         if let Some(tier) = &self.opts.tier {

@@ -4,6 +4,7 @@
 use crate::caller::{caller, caller_with_groups};
 use crate::errno::{FsError, FsResult};
 use crate::fs::ClaudeFs;
+use cfs_flash::Change;
 use cfs_meta::{FileKind, Inode, Op, Outcome, RenameMode, SetAttr, Timestamp, XattrMode, acl};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
@@ -396,13 +397,24 @@ impl ClaudeFs {
                 }
             };
             if let Some(size) = attr.size {
-                file.set_len(size)?;
+                self.user_change(ino.0, file, Change::data(), || file.set_len(size))?;
                 self.data_changed(ino.0)?;
             }
             if attr.atime.is_some() || attr.mtime.is_some() {
                 let spec =
                     |t: Option<Timestamp>| t.map_or(nix::sys::time::TimeSpec::UTIME_OMIT, timespec);
-                nix::sys::stat::futimens(file, &spec(attr.atime), &spec(attr.mtime))?;
+                let pair = |t: Option<Timestamp>| t.map(|t| (t.secs, i64::from(t.nanos)));
+                let change = Change {
+                    atime: pair(attr.atime),
+                    mtime: pair(attr.mtime),
+                };
+                self.user_change(ino.0, file, change, || {
+                    Ok(nix::sys::stat::futimens(
+                        file,
+                        &spec(attr.atime),
+                        &spec(attr.mtime),
+                    )?)
+                })?;
             }
         }
         Ok(inode)
@@ -809,7 +821,9 @@ impl Filesystem for ClaudeFs {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
             }
-            let written = std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset);
+            let written = self.user_change(h.ino, &h.file, Change::data(), || {
+                std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)
+            });
             // Even after a failed write, which may have landed in part.
             self.forget_fetched(h.ino);
             written?;
@@ -1161,12 +1175,14 @@ impl Filesystem for ClaudeFs {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
             }
-            let done = nix::fcntl::fallocate(
-                &h.file,
-                nix::fcntl::FallocateFlags::from_bits_retain(mode),
-                offset as i64,
-                length as i64,
-            );
+            let done = self.user_change(h.ino, &h.file, Change::data(), || {
+                Ok(nix::fcntl::fallocate(
+                    &h.file,
+                    nix::fcntl::FallocateFlags::from_bits_retain(mode),
+                    offset as i64,
+                    length as i64,
+                )?)
+            });
             self.forget_fetched(h.ino);
             done?;
             h.written.store(true, Ordering::Relaxed);
@@ -1243,13 +1259,15 @@ impl Filesystem for ClaudeFs {
             if dst.cold {
                 self.ensure_present(dst.ino, offset_out..offset_out + len as u64)?;
             }
-            let n = nix::fcntl::copy_file_range(
-                &src.file,
-                Some(&mut off_in),
-                &dst.file,
-                Some(&mut off_out),
-                len,
-            );
+            let n = self.user_change(dst.ino, &dst.file, Change::data(), || {
+                Ok(nix::fcntl::copy_file_range(
+                    &src.file,
+                    Some(&mut off_in),
+                    &dst.file,
+                    Some(&mut off_out),
+                    len,
+                )?)
+            });
             self.forget_fetched(dst.ino);
             let n = n?;
             dst.written.store(true, Ordering::Relaxed);

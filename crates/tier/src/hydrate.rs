@@ -490,12 +490,12 @@ fn write_blob(
 ) -> std::io::Result<u64> {
     let _described_with_data = meta.data_guard();
     let file = flash.open_rw(ino)?;
-    let before = file.metadata()?;
     // Never grow the file: a truncation may have cut this blob after it was evicted.
-    let n = (data.len() as u64).min(before.len().saturating_sub(offset));
+    let n = (data.len() as u64).min(file.metadata()?.len().saturating_sub(offset));
     if n > 0 {
-        write_maybe_direct(&file, &data[..n as usize], offset)?;
-        cfs_flash::restore_times(&file, &before)?;
+        flash.keep_times(ino, &file, || {
+            write_maybe_direct(&file, &data[..n as usize], offset)
+        })?;
         unsynced.lock().insert(ino);
     }
     meta.execute(&Op::Hydrated { ino, k, generation })
