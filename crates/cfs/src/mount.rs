@@ -162,6 +162,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     let live = fs.live();
     let mut session = fuser::Session::new(fs, mountpoint, &config)
         .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
+    live.set_notifier(session.notifier());
     tracing::info!(mountpoint = %mountpoint.display(), data_dir = %data_dir.display(), "mounted");
     crate::control::serve(
         &dir.socket_path(),

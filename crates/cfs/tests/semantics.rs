@@ -164,6 +164,63 @@ fn acls_are_enforced() {
     );
 }
 
+/// A write, a truncation or a change of owner clears set-user-ID and set-group-ID, and a
+/// change of owner clears file capabilities: the mount leaves this to the daemon
+/// (FUSE_HANDLE_KILLPRIV_V2), in exchange for writes that no longer ask it for
+/// `security.capability` first. Root's writes keep the bits, and set-group-ID without group
+/// execute (mandatory locking) stays, as on Linux.
+#[test]
+fn set_id_bits_are_cleared_by_writes_truncation_and_chown() {
+    let root = scratch("setid");
+    for (i, mode) in MODES.iter().enumerate() {
+        let m = Mount::start(&root.path().join(format!("m{i}")), mode);
+        let dir = m.path("d");
+        std::fs::create_dir(&dir).expect("mkdir");
+        set_mode(&dir, 0o777);
+        let mode_of = |name: &str| std::fs::metadata(dir.join(name)).expect("stat").mode() & 0o7777;
+        let by_nobody = |script: &str| {
+            let out = as_nobody(&format!("cd {} && {script}", dir.display()));
+            assert!(
+                out.status.success(),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        by_nobody("echo a > w && chmod 6755 w && echo b >> w");
+        assert_eq!(mode_of("w"), 0o755, "{mode:?}: a write by the owner");
+        by_nobody("echo a > t && chmod 4755 t && truncate -s 1 t");
+        assert_eq!(mode_of("t"), 0o755, "{mode:?}: a truncation");
+        by_nobody("echo a > o && chmod 4755 o && : > o");
+        assert_eq!(mode_of("o"), 0o755, "{mode:?}: an open with O_TRUNC");
+        by_nobody("echo a > l && chmod 2745 l && echo b >> l");
+        assert_eq!(
+            mode_of("l"),
+            0o2745,
+            "{mode:?}: set-group-ID without group execute"
+        );
+
+        let r = dir.join("r");
+        std::fs::write(&r, b"a").expect("write");
+        set_mode(&r, 0o6755);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&r)
+            .expect("open")
+            .write_all_at(b"b", 1)
+            .expect("write");
+        assert_eq!(mode_of("r"), 0o6755, "{mode:?}: root keeps them");
+        run(Command::new("chown").arg("65534").arg(&r));
+        assert_eq!(mode_of("r"), 0o755, "{mode:?}: a change of owner");
+
+        let c = dir.join("c");
+        std::fs::write(&c, b"c").expect("write");
+        run(Command::new("setcap").arg("cap_net_raw+ep").arg(&c));
+        assert!(getxattr(&c, "security.capability").is_some());
+        run(Command::new("chown").arg("65534").arg(&c));
+        assert_eq!(getxattr(&c, "security.capability"), None, "{mode:?}");
+    }
+}
+
 #[test]
 fn locks_between_processes() {
     let root = scratch("locks");

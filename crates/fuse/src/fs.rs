@@ -96,6 +96,8 @@ pub struct Live {
     pub(crate) handles: Handles,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) daemon_opens: AtomicU64,
+    /// Tells the kernel of changes it did not make itself; set once the session exists.
+    notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 impl Live {
@@ -108,6 +110,23 @@ impl Live {
     /// When `ino` was last opened or closed in this mount.
     pub fn last_used(&self, ino: u64) -> Option<std::time::Instant> {
         self.handles.last_used(ino)
+    }
+
+    /// Hands over the session's notifier, for changes the daemon makes on its own.
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Drops the kernel's cached attributes of `ino`, after the daemon changed them in a
+    /// request whose reply carries none (a write that cleared set-id bits).
+    pub(crate) fn invalidate_attrs(&self, ino: u64) {
+        if let Some(n) = self.notifier.get()
+            // A negative offset: the attributes only, no page cache.
+            && let Err(e) = n.inval_inode(fuser::INodeNo(ino), -1, 0)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::debug!(ino, error = %e, "cannot invalidate the kernel's attributes");
+        }
     }
 
     pub fn status(&self) -> FsStatus {
@@ -235,6 +254,47 @@ impl ClaudeFs {
         Ok(value)
     }
 
+    /// Clears set-user-ID, set-group-ID and the `security.capability` xattr of `ino` after a
+    /// change of its data or owner, as POSIX and Linux do. The mount negotiates
+    /// FUSE_HANDLE_KILLPRIV_V2 (see `init`), which leaves this to the filesystem; in exchange
+    /// the kernel stops asking for `security.capability` before every write.
+    pub(crate) fn kill_privileges(&self, ino: u64) -> FsResult<()> {
+        let inode = self.meta.inode(ino)?;
+        let mut ops = Vec::new();
+        if let Some(perm) = without_set_id(&inode) {
+            ops.push(Op::SetAttr {
+                ino,
+                attr: cfs_meta::SetAttr {
+                    perm: Some(perm),
+                    ..Default::default()
+                },
+                now: cfs_meta::Timestamp::now(),
+            });
+        }
+        if inode.kind != FileKind::Dir && self.meta.xattr(ino, CAPABILITY_XATTR).is_ok() {
+            ops.push(Op::RemoveXattr {
+                ino,
+                name: CAPABILITY_XATTR.to_vec(),
+                now: cfs_meta::Timestamp::now(),
+            });
+        }
+        if !ops.is_empty() {
+            tracing::debug!(
+                ino,
+                "clearing set-id bits or file capabilities after a change"
+            );
+            self.meta.execute_batch(&ops)?;
+            self.live.invalidate_attrs(ino);
+        }
+        Ok(())
+    }
+
+    /// True if a write to `ino` would have to clear set-id bits (see
+    /// [`ClaudeFs::kill_privileges`]).
+    pub(crate) fn is_set_id(&self, ino: u64) -> FsResult<bool> {
+        Ok(without_set_id(&self.meta.inode(ino)?).is_some())
+    }
+
     /// Queues the file for upload, if there is an object tier.
     pub(crate) fn data_changed(&self, ino: u64) -> FsResult<()> {
         if let Some(tier) = &self.opts.tier {
@@ -306,4 +366,26 @@ impl ClaudeFs {
         self.live.handles.forget(ino);
         self.purger.purge(ino);
     }
+}
+
+/// The xattr that holds a file's capabilities, cleared with the set-id bits.
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
+
+/// The permission bits a file keeps once a change clears its set-id bits, or `None` if it
+/// has none to clear. Set-group-ID without group execute marks mandatory locking, not a
+/// privilege, and stays, as on Linux. Directories keep theirs: there set-group-ID is
+/// inheritance.
+fn without_set_id(inode: &cfs_meta::Inode) -> Option<u32> {
+    const S_ISUID: u32 = 0o4000;
+    const S_ISGID: u32 = 0o2000;
+    const S_IXGRP: u32 = 0o0010;
+    if inode.kind == FileKind::Dir {
+        return None;
+    }
+    let mut perm = inode.perm;
+    perm &= !S_ISUID;
+    if perm & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP) {
+        perm &= !S_ISGID;
+    }
+    (perm != inode.perm).then_some(perm)
 }

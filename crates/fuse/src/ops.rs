@@ -188,8 +188,12 @@ impl ClaudeFs {
         // One io mode per inode in the kernel: while a daemon-served handle may still be
         // open there, this one is served by the daemon as well.
         let cached_live = self.live.handles.cached_users(ino) > 0;
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        // A write must clear set-user-ID and set-group-ID, which the kernel leaves to the
+        // daemon (FUSE_HANDLE_KILLPRIV_V2): the daemon must see writes to such files.
+        let set_id = writable && self.is_set_id(ino)?;
         let mut backing = None;
-        if !cold && !cached_live && self.live.passthrough.load(Ordering::Relaxed) {
+        if !cold && !cached_live && !set_id && self.live.passthrough.load(Ordering::Relaxed) {
             match self.live.handles.backing_id(ino, || register(&file)) {
                 Ok(id) => backing = Some(id),
                 Err(e) => {
@@ -204,7 +208,6 @@ impl ClaudeFs {
         } else {
             self.live.daemon_opens.fetch_add(1, Ordering::Relaxed);
         }
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         tracing::trace!(ino, cold, passthrough = backing.is_some(), writable, "open");
         let fh = self.live.handles.insert(crate::handles::Handle {
             ino,
@@ -330,8 +333,10 @@ impl ClaudeFs {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
+        caller_uid: u32,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -345,7 +350,18 @@ impl ClaudeFs {
         if size.is_some() {
             self.live.handles.using(ino.0);
         }
-        let r = self.apply_setattr(ino, mode, uid, gid, size, atime, mtime, fh);
+        // A change of owner clears the set-id bits, and so does a truncation by a caller
+        // that may not keep them; the kernel leaves both to the filesystem (see
+        // `kill_privileges`). FUSE does not pass on whether the caller has CAP_FSETID, so
+        // root stands for it.
+        let kill = mode.is_none()
+            && (uid.is_some() || gid.is_some() || (size.is_some() && caller_uid != 0));
+        let r = if kill {
+            self.kill_privileges(ino.0)
+        } else {
+            Ok(())
+        }
+        .and_then(|()| self.apply_setattr(ino, mode, uid, gid, size, atime, mtime, fh));
         if size.is_some() {
             self.forget_fetched(ino.0);
             self.live.handles.done_with(ino.0, false);
@@ -492,7 +508,12 @@ impl Filesystem for ClaudeFs {
             | InitFlags::FUSE_POSIX_ACL
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ASYNC_DIO
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            // The filesystem clears set-user-ID and set-group-ID itself (see
+            // `ClaudeFs::kill_privileges`), so the kernel sets SB_NOSEC: without it, every
+            // write (passthrough ones included) first asks the daemon for the file's
+            // `security.capability`, one round trip per write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let _ = config.add_capabilities(wanted & config.capabilities());
         if !passthrough
             && config
@@ -552,7 +573,7 @@ impl Filesystem for ClaudeFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -568,7 +589,7 @@ impl Filesystem for ClaudeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(req.uid(), ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(inode) => reply.attr(&self.opts.attr_ttl, &self.attr_of(&inode)),
             Err(e) => reply.error(fail("setattr", e)),
         }
@@ -809,7 +830,7 @@ impl Filesystem for ClaudeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -828,6 +849,11 @@ impl Filesystem for ClaudeFs {
             self.forget_fetched(h.ino);
             written?;
             h.written.store(true, Ordering::Relaxed);
+            // The kernel asks for this when the writer may not keep the set-id bits
+            // (it lacks CAP_FSETID).
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.kill_privileges(h.ino)?;
+            }
             Ok(())
         });
         match r {
@@ -1163,7 +1189,7 @@ impl Filesystem for ClaudeFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -1186,6 +1212,11 @@ impl Filesystem for ClaudeFs {
             self.forget_fetched(h.ino);
             done?;
             h.written.store(true, Ordering::Relaxed);
+            // The kernel leaves clearing set-id bits to the daemon here too; root stands
+            // for CAP_FSETID, which FUSE does not pass on.
+            if req.uid() != 0 {
+                self.kill_privileges(h.ino)?;
+            }
             Ok(())
         });
         Self::empty(reply, "fallocate", r);
@@ -1235,7 +1266,7 @@ impl Filesystem for ClaudeFs {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -1271,6 +1302,9 @@ impl Filesystem for ClaudeFs {
             self.forget_fetched(dst.ino);
             let n = n?;
             dst.written.store(true, Ordering::Relaxed);
+            if req.uid() != 0 {
+                self.kill_privileges(dst.ino)?;
+            }
             Ok(n)
         });
         match r {
