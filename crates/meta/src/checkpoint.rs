@@ -22,7 +22,7 @@
 use crate::store::MetaStore;
 use crate::tables::*;
 use crate::{FileKind, Ino, MetaError, ROOT_INO, Result, Timestamp};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -161,7 +161,7 @@ impl MetaStore {
     pub fn export_checkpoint(&self) -> Result<Checkpoint> {
         // Read the counter before the snapshot: a change counted by then is in it.
         let change_count = self.change_count();
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let mut out = Vec::with_capacity(1 << 16);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&CHECKPOINT_VERSION.to_le_bytes());
@@ -313,6 +313,7 @@ impl MetaStore {
     /// overwrite good objects. Returns how many files were on the upload queue: their last
     /// changes never reached the object store, and they come back as last uploaded.
     pub fn prepare_repaired(&self) -> Result<u64> {
+        let _exclusive = self.exclusive()?;
         let txn = self.db.begin_write()?;
         let dropped;
         {

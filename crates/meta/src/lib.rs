@@ -12,6 +12,7 @@ mod checkpoint;
 mod error;
 mod op;
 mod oplog;
+mod pending;
 mod repair;
 mod store;
 mod tables;

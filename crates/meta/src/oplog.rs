@@ -27,10 +27,7 @@ use crate::op::{Op, Outcome};
 use crate::store::MetaStore;
 use crate::tables::*;
 use crate::{MetaError, Result};
-use redb::{
-    ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
-    WriteTransaction,
-};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
 use std::sync::atomic::Ordering;
 
 /// The segment encoding this build writes and reads.
@@ -238,7 +235,7 @@ impl MetaStore {
         max_ops: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let log = read.open_table(OPLOG)?;
         let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut bytes = 0;
@@ -256,7 +253,7 @@ impl MetaStore {
 
     /// Operations not yet shipped.
     pub fn log_backlog(&self) -> Result<u64> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         Ok(read.open_table(OPLOG)?.len()?)
     }
 
@@ -267,6 +264,7 @@ impl MetaStore {
     /// harmless. A checkpoint syncs before its HEAD is written, so no HEAD ever points past
     /// a trim that a crash could undo.
     pub fn log_shipped(&self, first: u64, last: u64) -> Result<()> {
+        let _exclusive = self.exclusive()?;
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
         {
@@ -286,7 +284,7 @@ impl MetaStore {
     /// Shipped segments `(first, last)` that hold nothing at or after `next`: a checkpoint
     /// whose replay starts at `next` no longer needs them.
     pub fn log_segments_before(&self, next: u64) -> Result<Vec<(u64, u64)>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let segs = read.open_table(LOG_SEGMENTS)?;
         let mut out = Vec::new();
         for r in segs.iter()? {
@@ -300,6 +298,7 @@ impl MetaStore {
 
     /// Forgets shipped segments (after they were DELETEd from the object store).
     pub fn forget_log_segments(&self, firsts: &[u64]) -> Result<()> {
+        let _exclusive = self.exclusive()?;
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)?;
         {

@@ -5,14 +5,14 @@
 //! everything applied so far durable with one fsync, however many callers wait on it; a
 //! background flusher does the same every second, as a journalling filesystem does.
 
-use crate::apply::Tx;
 use crate::op::{Op, Outcome};
+use crate::pending::Pending;
 use crate::tables::*;
 use crate::{DirEntry, FileKind, Ino, Inode, MetaError, ROOT_INO, Result, Timestamp};
 use parking_lot::Mutex;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The on-disk format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -32,6 +32,10 @@ pub struct MetaStore {
     pub(crate) durable_seq: AtomicU64,
     /// Serialises durable commits, so that concurrent `sync` calls share one.
     sync_lock: Mutex<()>,
+    /// Operations applied but not committed yet (see `pending`), and whether there are any,
+    /// so that readers take the lock only then.
+    pending: Mutex<Option<Pending>>,
+    has_pending: AtomicBool,
     /// Data outside the store that commits describe, made durable before each durable
     /// commit (see [`MetaStore::set_data_barrier`]).
     barrier: parking_lot::RwLock<Option<std::sync::Arc<dyn DataBarrier>>>,
@@ -186,6 +190,8 @@ impl MetaStore {
                 applied_seq: AtomicU64::new(seq),
                 durable_seq: AtomicU64::new(seq),
                 sync_lock: Mutex::new(()),
+                pending: Mutex::new(None),
+                has_pending: AtomicBool::new(false),
                 barrier: Default::default(),
                 gate: Default::default(),
             },
@@ -233,40 +239,84 @@ impl MetaStore {
         Ok(outcome)
     }
 
-    /// Applies and logs `ops` in one non-durable transaction, or nothing on an error.
-    /// `replay` (one op only) is the log number a replayed op already has.
+    /// Applies and logs `ops` as one batch into the open transaction (see `pending`), or
+    /// nothing on an error. `replay` (one op only) is the log number a replayed op already
+    /// has.
     fn commit_ops(&self, ops: &[Op], replay: Option<u64>) -> Result<Vec<Outcome>> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None)?;
-        let applied = Tx::open(&txn).and_then(|mut tx| {
-            let outcomes = ops
-                .iter()
-                .map(|op| tx.apply(op))
-                .collect::<Result<Vec<_>>>()?;
-            tx.finish()?;
-            Ok(outcomes)
-        });
-        let logged = applied.and_then(|outcomes| {
-            let mut last = None;
-            for op in ops {
-                last = crate::oplog::record(&txn, op, replay)?.or(last);
+        let mut guard = self.pending.lock();
+        let pending = match guard.as_mut() {
+            Some(p) => p,
+            None => {
+                let p = guard.insert(Pending::begin(&self.db)?);
+                self.has_pending.store(true, Ordering::SeqCst);
+                p
             }
-            Ok((outcomes, last))
-        });
-        let (outcomes, last) = match logged {
-            Ok(r) => r,
+        };
+        let (outcomes, last) = match pending.apply(ops, replay) {
+            Ok(applied) => applied,
             Err(e) => {
-                txn.abort()?;
+                if let Some(failed) = guard.take() {
+                    self.has_pending.store(false, Ordering::SeqCst);
+                    *guard = Some(failed.start_over(&self.db)?);
+                    self.has_pending.store(true, Ordering::SeqCst);
+                }
                 return Err(e);
             }
         };
-        txn.commit()?;
         self.committed.fetch_add(1, Ordering::Release);
         self.changes.fetch_add(ops.len() as u64, Ordering::Release);
         if let Some(seq) = last {
             self.applied_seq.fetch_max(seq, Ordering::Release);
         }
+        if guard
+            .as_ref()
+            .is_some_and(|p| p.ops() >= crate::pending::MAX_OPS)
+        {
+            self.commit_pending(&mut guard, Durability::None)?;
+        }
         Ok(outcomes)
+    }
+
+    /// Commits the open transaction, if any, at `durability`.
+    fn commit_pending(&self, guard: &mut Option<Pending>, durability: Durability) -> Result<()> {
+        if let Some(p) = guard.take() {
+            let committed = p.commit(durability);
+            self.has_pending.store(false, Ordering::SeqCst);
+            committed?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction, so that a read transaction begun next sees every
+    /// operation applied so far.
+    fn flush(&self) -> Result<()> {
+        if self.has_pending.load(Ordering::SeqCst) {
+            self.commit_pending(&mut self.pending.lock(), Durability::None)?;
+        }
+        Ok(())
+    }
+
+    /// A read transaction that sees every operation applied before the call.
+    pub(crate) fn read_txn(&self) -> Result<redb::ReadTransaction> {
+        self.flush()?;
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Commits the open transaction and keeps others from opening until the guard is
+    /// dropped: for writes that are not operations, which begin their own transaction.
+    pub(crate) fn exclusive(&self) -> Result<parking_lot::MutexGuard<'_, Option<Pending>>> {
+        let mut guard = self.pending.lock();
+        self.commit_pending(&mut guard, Durability::None)?;
+        Ok(guard)
+    }
+
+    /// The open transaction, locked, if there is one: reads on the request path read
+    /// through it rather than commit it.
+    fn open_txn(&self) -> Option<parking_lot::MappedMutexGuard<'_, Pending>> {
+        if !self.has_pending.load(Ordering::SeqCst) {
+            return None;
+        }
+        parking_lot::MutexGuard::try_map(self.pending.lock(), |p| p.as_mut()).ok()
     }
 
     /// Makes every operation applied before this call durable. Concurrent callers share one
@@ -295,12 +345,19 @@ impl MetaStore {
         if let Some(b) = &barrier {
             sync_data(b)?;
         }
+        // Under the lock that operations are applied under: every operation counted by
+        // then is in this commit.
+        let mut pending = self.pending.lock();
         let covered = self.committed.load(Ordering::Acquire);
-        // Read before the commit begins: every operation counted by then is in it.
         let covered_seq = self.applied_seq.load(Ordering::Acquire);
-        let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::Immediate)?;
-        txn.commit()?;
+        if pending.is_some() {
+            self.commit_pending(&mut pending, Durability::Immediate)?;
+        } else {
+            let mut txn = self.db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            txn.commit()?;
+        }
+        drop(pending);
         self.durable.fetch_max(covered, Ordering::Release);
         self.durable_seq.fetch_max(covered_seq, Ordering::Release);
         Ok(())
@@ -333,12 +390,11 @@ impl MetaStore {
     }
 
     pub fn inode(&self, ino: Ino) -> Result<Inode> {
-        let read = self.db.begin_read()?;
-        let table = read.open_table(INODES)?;
-        match table.get(ino)? {
-            Some(v) => decode_inode(ino, v.value()),
-            None => Err(MetaError::NotFound),
+        if let Some(p) = self.open_txn() {
+            return inode_in(&p.txn.open_table(INODES)?, ino);
         }
+        let read = self.db.begin_read()?;
+        inode_in(&read.open_table(INODES)?, ino)
     }
 
     /// Resolves `name` in `parent` to its inode.
@@ -346,20 +402,13 @@ impl MetaStore {
         if name.len() > crate::NAME_MAX {
             return Err(MetaError::NameTooLong);
         }
+        if let Some(p) = self.open_txn() {
+            let dentries = p.txn.open_table(DENTRIES)?;
+            return lookup_in(&dentries, &p.txn.open_table(INODES)?, parent, name);
+        }
         let read = self.db.begin_read()?;
         let dentries = read.open_table(DENTRIES)?;
-        let ino = match dentries.get((parent, name))? {
-            Some(v) => v.value().0,
-            None => return Err(MetaError::NotFound),
-        };
-        let table = read.open_table(INODES)?;
-        match table.get(ino)? {
-            Some(v) => decode_inode(ino, v.value()),
-            None => Err(MetaError::Corrupt(
-                parent,
-                format!("dentry to missing inode {ino}"),
-            )),
-        }
+        lookup_in(&dentries, &read.open_table(INODES)?, parent, name)
     }
 
     /// Up to `limit` entries of `dir` with cookies greater than `after`, in cookie order.
@@ -371,7 +420,7 @@ impl MetaStore {
         limit: usize,
         with_inodes: bool,
     ) -> Result<Vec<(DirEntry, Option<Inode>)>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let listing = read.open_table(LISTING)?;
         let inodes = read.open_table(INODES)?;
         let mut out = Vec::new();
@@ -403,21 +452,17 @@ impl MetaStore {
     }
 
     pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        let read = self.db.begin_read()?;
-        let table = read.open_table(XATTRS)?;
-        match table.get((ino, name))? {
-            Some(v) => Ok(v.value().to_vec()),
-            None => {
-                if read.open_table(INODES)?.get(ino)?.is_none() {
-                    return Err(MetaError::NotFound);
-                }
-                Err(MetaError::NoXattr)
-            }
+        if let Some(p) = self.open_txn() {
+            let xattrs = p.txn.open_table(XATTRS)?;
+            return xattr_in(&xattrs, &p.txn.open_table(INODES)?, ino, name);
         }
+        let read = self.db.begin_read()?;
+        let xattrs = read.open_table(XATTRS)?;
+        xattr_in(&xattrs, &read.open_table(INODES)?, ino, name)
     }
 
     pub fn xattr_names(&self, ino: Ino) -> Result<Vec<Vec<u8>>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(XATTRS)?;
         let mut out = Vec::new();
         for item in table.range((ino, &[][..])..)? {
@@ -433,7 +478,7 @@ impl MetaStore {
 
     /// Inodes that have no links left but were still referenced when last seen.
     pub fn orphans(&self) -> Result<Vec<Ino>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(ORPHANS)?;
         table
             .iter()?
@@ -443,7 +488,7 @@ impl MetaStore {
 
     /// Calls `f` on every inode, in inode order.
     pub fn for_each_inode(&self, mut f: impl FnMut(Inode) -> Result<()>) -> Result<()> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(INODES)?;
         for item in table.iter()? {
             let (k, v) = item?;
@@ -457,7 +502,7 @@ impl MetaStore {
         &self,
         mut f: impl FnMut(Ino, &[u8], Ino, u64, Option<FileKind>) -> Result<()>,
     ) -> Result<()> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(DENTRIES)?;
         for item in table.iter()? {
             let (k, v) = item?;
@@ -473,7 +518,7 @@ impl MetaStore {
         &self,
         mut f: impl FnMut(Ino, u64, Ino, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(LISTING)?;
         for item in table.iter()? {
             let (k, v) = item?;
@@ -504,7 +549,7 @@ impl MetaStore {
 
     /// Files waiting for upload (the persistent upload queue), at most `limit`.
     pub fn dirty_files(&self, limit: usize) -> Result<Vec<Ino>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(DIRTY)?;
         table
             .iter()?
@@ -515,7 +560,7 @@ impl MetaStore {
 
     /// The blobs of `ino` the object store holds, in index order.
     pub fn blobs_of(&self, ino: Ino) -> Result<Vec<crate::BlobRecord>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(BLOBS)?;
         let chunks = read.open_table(CHUNKS)?;
         let mut sums: std::collections::HashMap<u64, Vec<u32>> = chunks
@@ -543,7 +588,7 @@ impl MetaStore {
 
     /// Objects waiting to be DELETEd, as (ino, blob index, generation), at most `limit`.
     pub fn pending_deletes(&self, limit: usize) -> Result<Vec<(Ino, u64, u64)>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let table = read.open_table(DELETES)?;
         table
             .iter()?
@@ -554,7 +599,7 @@ impl MetaStore {
 
     /// What the tier holds and owes, for `cfs status`.
     pub fn tier_counts(&self) -> Result<TierCounts> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let mut c = TierCounts::default();
         for r in read.open_table(BLOBS)?.iter()? {
             let (_, v) = r?;
@@ -585,22 +630,17 @@ impl MetaStore {
 
     /// The blobs of `ino` that are not on flash, as (k, generation), in index order.
     pub fn evicted_of(&self, ino: Ino) -> Result<Vec<(u64, u64)>> {
-        let read = self.db.begin_read()?;
-        let table = read.open_table(EVICTED)?;
-        table
-            .range((ino, 0)..=(ino, u64::MAX))?
-            .map(|r| {
-                r.map(|(k, v)| (k.value().1, v.value()))
-                    .map_err(MetaError::from)
-            })
-            .collect()
+        if let Some(p) = self.open_txn() {
+            return evicted_in(&p.txn.open_table(EVICTED)?, ino, usize::MAX);
+        }
+        evicted_in(&self.db.begin_read()?.open_table(EVICTED)?, ino, usize::MAX)
     }
 
     /// The record of blob `k` of `ino` if that blob is evicted (off flash), by point lookups:
     /// what a read of one blob needs, without the file's whole blob map. `None` if it is on
     /// flash. An evicted generation that the blob map does not hold is corruption.
     pub fn evicted_blob(&self, ino: Ino, k: u64) -> Result<Option<crate::BlobRecord>> {
-        let read = self.db.begin_read()?;
+        let read = self.read_txn()?;
         let Some(generation) = read.open_table(EVICTED)?.get((ino, k))?.map(|v| v.value()) else {
             return Ok(None);
         };
@@ -629,18 +669,38 @@ impl MetaStore {
 
     /// Whether any blob of `ino` is off flash (then its opens go through the daemon).
     pub fn has_evicted(&self, ino: Ino) -> Result<bool> {
+        // On every open: read through the open transaction rather than commit it.
+        if let Some(p) = self.open_txn() {
+            return Ok(!evicted_in(&p.txn.open_table(EVICTED)?, ino, 1)?.is_empty());
+        }
         let read = self.db.begin_read()?;
-        let table = read.open_table(EVICTED)?;
-        Ok(table.range((ino, 0)..=(ino, u64::MAX))?.next().is_some())
+        Ok(!evicted_in(&read.open_table(EVICTED)?, ino, 1)?.is_empty())
     }
 
     /// Every blob that could leave flash now: committed, present, of a clean file.
     pub fn evict_candidates(&self) -> Result<Vec<EvictCandidate>> {
-        let read = self.db.begin_read()?;
+        self.candidates_in(..)
+    }
+
+    /// The blobs of `inos` that could leave flash now: what eviction of a few named files
+    /// needs, without reading every blob of the filesystem.
+    pub fn evict_candidates_of(&self, inos: &[Ino]) -> Result<Vec<EvictCandidate>> {
+        let mut out = Vec::new();
+        for &ino in inos {
+            out.extend(self.candidates_in((ino, 0)..=(ino, u64::MAX))?);
+        }
+        Ok(out)
+    }
+
+    fn candidates_in(
+        &self,
+        range: impl std::ops::RangeBounds<(u64, u64)>,
+    ) -> Result<Vec<EvictCandidate>> {
+        let read = self.read_txn()?;
         let dirty = read.open_table(DIRTY)?;
         let evicted = read.open_table(EVICTED)?;
         let mut out = Vec::new();
-        for r in read.open_table(BLOBS)?.iter()? {
+        for r in read.open_table(BLOBS)?.range(range)? {
             let (key, v) = r?;
             let (ino, k) = key.value();
             let (generation, len, _) = v.value();
@@ -660,6 +720,7 @@ impl MetaStore {
     /// The low-level repair tool for `fsck --repair`: applies raw fixes in one durable
     /// transaction. Not for the request path.
     pub fn repair(&self, fix: impl FnOnce(&mut crate::Repair<'_>) -> Result<()>) -> Result<()> {
+        let _exclusive = self.exclusive()?;
         let txn = self.db.begin_write()?;
         {
             let mut r = crate::Repair::open(&txn)?;
@@ -667,5 +728,74 @@ impl MetaStore {
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+fn inode_in(inodes: &impl ReadableTable<u64, &'static [u8]>, ino: Ino) -> Result<Inode> {
+    match inodes.get(ino)? {
+        Some(v) => decode_inode(ino, v.value()),
+        None => Err(MetaError::NotFound),
+    }
+}
+
+fn lookup_in(
+    dentries: &impl ReadableTable<(u64, &'static [u8]), (u64, u64, u8)>,
+    inodes: &impl ReadableTable<u64, &'static [u8]>,
+    parent: Ino,
+    name: &[u8],
+) -> Result<Inode> {
+    let ino = match dentries.get((parent, name))? {
+        Some(v) => v.value().0,
+        None => return Err(MetaError::NotFound),
+    };
+    match inodes.get(ino)? {
+        Some(v) => decode_inode(ino, v.value()),
+        None => Err(MetaError::Corrupt(
+            parent,
+            format!("dentry to missing inode {ino}"),
+        )),
+    }
+}
+
+fn xattr_in(
+    xattrs: &impl ReadableTable<(u64, &'static [u8]), &'static [u8]>,
+    inodes: &impl ReadableTable<u64, &'static [u8]>,
+    ino: Ino,
+    name: &[u8],
+) -> Result<Vec<u8>> {
+    match xattrs.get((ino, name))? {
+        Some(v) => Ok(v.value().to_vec()),
+        None => {
+            if inodes.get(ino)?.is_none() {
+                return Err(MetaError::NotFound);
+            }
+            Err(MetaError::NoXattr)
+        }
+    }
+}
+
+/// Up to `limit` evicted blobs of `ino`, as (blob, generation).
+fn evicted_in(
+    evicted: &impl ReadableTable<(u64, u64), u64>,
+    ino: Ino,
+    limit: usize,
+) -> Result<Vec<(u64, u64)>> {
+    evicted
+        .range((ino, 0)..=(ino, u64::MAX))?
+        .take(limit)
+        .map(|r| {
+            r.map(|(k, v)| (k.value().1, v.value()))
+                .map_err(MetaError::from)
+        })
+        .collect()
+}
+
+impl Drop for MetaStore {
+    /// Commits what was applied, as a commit per operation did before (not durably: only
+    /// [`MetaStore::sync`] makes anything durable).
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "cannot commit the last operations at close");
+        }
     }
 }

@@ -2783,3 +2783,62 @@ fn shrinking_a_file_forgets_evictions_past_the_end() {
         "records stay until the upload"
     );
 }
+
+/// Operations are applied into one open transaction, committed only when something needs
+/// it (see `pending`). Every kind of read sees them, a batch that fails leaves those before
+/// it applied and nothing of itself, more than one transaction's worth is committed on the
+/// way, and a sync makes them all durable.
+#[test]
+fn operations_between_commits_are_seen_and_survive_a_failed_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("meta.redb");
+    let (s, _) = MetaStore::open(&path, Timestamp::now(), 0, 0).expect("open");
+    let d = create(&s, ROOT_INO, "d", FileKind::Dir).expect("d");
+    let f = create(&s, d.ino, "f", FileKind::File).expect("f");
+    // Reads on the request path read through the open transaction, others commit it.
+    assert_eq!(s.lookup(d.ino, b"f").expect("lookup").ino, f.ino);
+    assert_eq!(s.inode(f.ino).expect("inode").kind, FileKind::File);
+    assert_eq!(names(&s, d.ino), ["f"]);
+
+    // A batch whose second operation fails: the first is not applied either, and what
+    // came before the batch still is.
+    let g = s.alloc_ino();
+    let batch = [
+        Op::Create {
+            parent: d.ino,
+            name: b"g".to_vec(),
+            ino: g,
+            kind: FileKind::File,
+            perm: 0o644,
+            umask: 0,
+            rdev: 0,
+            target: Vec::new(),
+            caller: Caller::default(),
+            now: Timestamp::now(),
+        },
+        Op::Unlink {
+            parent: d.ino,
+            name: b"missing".to_vec(),
+            now: Timestamp::now(),
+        },
+    ];
+    assert_err!(s.execute_batch(&batch), MetaError::NotFound);
+    assert_err!(s.lookup(d.ino, b"g"), MetaError::NotFound);
+    assert_err!(s.inode(g), MetaError::NotFound);
+    assert_eq!(s.lookup(d.ino, b"f").expect("f after").ino, f.ino);
+    // A failing operation alone, after more were applied without a commit between.
+    create(&s, d.ino, "h", FileKind::File).expect("h");
+    assert_err!(create(&s, d.ino, "h", FileKind::File), MetaError::Exists);
+    assert_eq!(sorted_names(&s, d.ino), ["f", "h"]);
+
+    // More operations than one open transaction takes.
+    for i in 0..600 {
+        create(&s, ROOT_INO, &format!("n{i}"), FileKind::File).expect("create");
+    }
+    assert_eq!(names(&s, ROOT_INO).len(), 601);
+    s.sync().expect("sync");
+    drop(s);
+    let s = open_existing(&path);
+    assert_eq!(names(&s, ROOT_INO).len(), 601);
+    assert_eq!(sorted_names(&s, d.ino), ["f", "h"]);
+}
