@@ -187,8 +187,13 @@ impl Evictor {
     /// One round: nominated files, then the watermarks. `sweep` also checks every clean file
     /// for an `s3` policy.
     pub fn pass(&self, sweep: bool) {
-        let nominated: Vec<Ino> = std::mem::take(&mut *self.nominated.lock());
-        let need_candidates = !nominated.is_empty() || sweep;
+        let mut nominated: Vec<Ino> = std::mem::take(&mut *self.nominated.lock());
+        nominated.sort_unstable();
+        nominated.dedup();
+        // Only files pinned to the store leave flash as soon as they are clean; the rest
+        // wait for pressure. Every file that finishes uploading is nominated, so checking
+        // the policy first keeps a stream of small uploads from costing a pass each.
+        nominated.retain(|&ino| self.policy(ino) == Policy::S3);
         let (used, cap) = match self.usage() {
             Ok(u) => u,
             Err(e) => {
@@ -203,10 +208,16 @@ impl Evictor {
         let low = cap / 100 * u64::from(self.cfg.low_pct);
         let over = used > high;
         self.pressure.store(over, Ordering::Relaxed);
-        if !over && !need_candidates {
+        if !over && !sweep && nominated.is_empty() {
             return;
         }
-        let candidates = match self.meta.evict_candidates() {
+        // A whole scan of the blob map only under pressure or for the periodic sweep.
+        let listed = if over || sweep {
+            self.meta.evict_candidates()
+        } else {
+            self.meta.evict_candidates_of(&nominated)
+        };
+        let candidates = match listed {
             Ok(c) => c,
             Err(e) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
