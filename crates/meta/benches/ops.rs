@@ -46,40 +46,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{what:<8} {us:>8.2} µs/op  ({files} files)");
         Ok::<(), Box<dyn std::error::Error>>(())
     };
+    let create_op = |name: Vec<u8>, ino| Op::Create {
+        parent: root,
+        name,
+        ino,
+        kind: FileKind::File,
+        perm: 0o644,
+        umask: 0o022,
+        rdev: 0,
+        target: Vec::new(),
+        caller: Caller::default(),
+        now: Timestamp::now(),
+    };
     let mut inos = vec![0u64; files];
     phase("create", &mut |i| {
         let ino = store.alloc_ino();
         inos[i] = ino;
-        store.execute(&Op::Create {
-            parent: root,
-            name: names[i].clone(),
-            ino,
-            kind: FileKind::File,
-            perm: 0o644,
-            umask: 0o022,
-            rdev: 0,
-            target: Vec::new(),
-            caller: Caller::default(),
-            now: Timestamp::now(),
-        })?;
+        store.execute(&create_op(names[i].clone(), ino))?;
         Ok(())
     })?;
     if batch > 1 {
         let started = Instant::now();
         let mut ops = Vec::new();
         for i in 0..files {
-            ops.push(Op::Create {
-                parent: root,
-                name: format!("b{i:08}").into_bytes(),
-                ino: store.alloc_ino(),
-                kind: FileKind::File,
-                perm: 0o644,
-                umask: 0o022,
-                rdev: 0,
-                target: Vec::new(),
-                caller: Caller::default(),
-                now: Timestamp::now(),
-            });
+            ops.push(create_op(
+                format!("b{i:08}").into_bytes(),
+                store.alloc_ino(),
+            ));
             if ops.len() == batch {
                 store.execute_batch(&ops)?;
                 ops.clear();

@@ -13,9 +13,9 @@ fn store() -> (tempfile::TempDir, MetaStore) {
     (dir, store)
 }
 
-fn create(s: &MetaStore, parent: Ino, name: &str, kind: FileKind) -> Result<Inode> {
-    let ino = s.alloc_ino();
-    match s.execute(&Op::Create {
+/// The operation that creates `name` in `parent` as inode `ino`, mode 0755 less umask 022.
+fn create_op(parent: Ino, name: &str, ino: Ino, kind: FileKind) -> Op {
+    Op::Create {
         parent,
         name: name.as_bytes().to_vec(),
         ino,
@@ -26,7 +26,12 @@ fn create(s: &MetaStore, parent: Ino, name: &str, kind: FileKind) -> Result<Inod
         target: Vec::new(),
         caller: Caller::default(),
         now: Timestamp::now(),
-    })? {
+    }
+}
+
+fn create(s: &MetaStore, parent: Ino, name: &str, kind: FileKind) -> Result<Inode> {
+    let ino = s.alloc_ino();
+    match s.execute(&create_op(parent, name, ino, kind))? {
         Outcome::Inode(i) => Ok(i),
         other => panic!("unexpected outcome {other:?}"),
     }
@@ -2804,18 +2809,7 @@ fn operations_between_commits_are_seen_and_survive_a_failed_batch() {
     // came before the batch still is.
     let g = s.alloc_ino();
     let batch = [
-        Op::Create {
-            parent: d.ino,
-            name: b"g".to_vec(),
-            ino: g,
-            kind: FileKind::File,
-            perm: 0o644,
-            umask: 0,
-            rdev: 0,
-            target: Vec::new(),
-            caller: Caller::default(),
-            now: Timestamp::now(),
-        },
+        create_op(d.ino, "g", g, FileKind::File),
         Op::Unlink {
             parent: d.ino,
             name: b"missing".to_vec(),
