@@ -167,16 +167,23 @@ impl FlashDir {
         self.moves.keep_times(ino, file, op)
     }
 
-    /// Call before a user's change of a file's data or times that the daemon makes, and pass
-    /// the result to [`FlashDir::changed`] after it.
-    pub fn change_begins(&self) -> u64 {
-        self.moves.change_begins()
-    }
-
-    /// Records a user's change of `ino` through `file`, begun at `since`, so that a blob
-    /// moving meanwhile does not put back the times from before it.
-    pub fn changed(&self, ino: Ino, file: &File, since: u64, change: Change) -> io::Result<()> {
-        self.moves.changed(ino, file, since, change)
+    /// Runs `op`, a change a user makes to `ino`'s data or times through `file` (a write
+    /// the daemon serves, `utimes`, a truncation), so that a blob moving in or out meanwhile
+    /// does not put back the times from before it.
+    pub fn user_change<R>(
+        &self,
+        ino: Ino,
+        file: &File,
+        change: Change,
+        op: impl FnOnce() -> io::Result<R>,
+    ) -> io::Result<R> {
+        let since = self.moves.change_begins();
+        let result = op();
+        // Also after a failed change, which may have landed in part.
+        let recorded = self.moves.changed(ino, file, since, change);
+        let value = result?;
+        recorded?;
+        Ok(value)
     }
 
     /// Every backing file present, with its size and allocated bytes. Files whose names are

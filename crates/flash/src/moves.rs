@@ -265,9 +265,9 @@ mod tests {
         let (_dir, flash, file) = file_with_old_times();
         flash
             .keep_times(9, &file, || {
-                let since = flash.change_begins();
+                let since = flash.moves.change_begins();
                 file.write_all_at(b"user", 100)?;
-                flash.changed(9, &file, since, Change::data())?;
+                flash.moves.changed(9, &file, since, Change::data())?;
                 Ok(())
             })
             .expect("move");
@@ -276,12 +276,13 @@ mod tests {
         assert!(after.mtime > OLD.mtime, "{after:?}");
 
         let (_dir, flash, file) = file_with_old_times();
-        let since = flash.change_begins();
+        let since = flash.moves.change_begins();
         flash
             .keep_times(9, &file, || file.write_all_at(b"user", 100))
             .expect("move");
         assert_eq!(times(&flash), OLD, "the move alone puts the old times back");
         flash
+            .moves
             .changed(9, &file, since, Change::data())
             .expect("changed");
         assert!(times(&flash).mtime > OLD.mtime);
@@ -297,13 +298,13 @@ mod tests {
         };
         flash
             .keep_times(9, &file, || {
-                let since = flash.change_begins();
+                let since = flash.moves.change_begins();
                 set.apply(&file)?;
                 let change = Change {
                     atime: Some(set.atime),
                     mtime: Some(set.mtime),
                 };
-                flash.changed(9, &file, since, change)?;
+                flash.moves.changed(9, &file, since, change)?;
                 assert_eq!(flash.stat(9)?.times, set);
                 file.write_all_at(b"moved", 0)
             })
@@ -316,10 +317,11 @@ mod tests {
     #[test]
     fn without_moves_stat_is_the_file_own() {
         let (_dir, flash, file) = file_with_old_times();
-        let since = flash.change_begins();
+        let since = flash.moves.change_begins();
         file.write_all_at(b"user", 0).expect("write");
         let raw = times(&flash);
         flash
+            .moves
             .changed(9, &file, since, Change::default())
             .expect("changed");
         assert_eq!(times(&flash), raw);

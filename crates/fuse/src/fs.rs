@@ -235,25 +235,6 @@ impl ClaudeFs {
         Ok(Some(d.size))
     }
 
-    /// Runs `op`, a change a user makes to `ino`'s data or times through `file`, so that a
-    /// blob moving in or out meanwhile does not put back the times from before it (see
-    /// [`FlashDir::changed`]).
-    pub(crate) fn user_change<R>(
-        &self,
-        ino: u64,
-        file: &std::fs::File,
-        change: cfs_flash::Change,
-        op: impl FnOnce() -> std::io::Result<R>,
-    ) -> std::io::Result<R> {
-        let since = self.flash.change_begins();
-        let result = op();
-        // Also after a failed change, which may have landed in part.
-        let recorded = self.flash.changed(ino, file, since, change);
-        let value = result?;
-        recorded?;
-        Ok(value)
-    }
-
     /// Clears set-user-ID, set-group-ID and the `security.capability` xattr of `ino` after a
     /// change of its data or owner, as POSIX and Linux do. The mount negotiates
     /// FUSE_HANDLE_KILLPRIV_V2 (see `init`), which leaves this to the filesystem; in exchange

@@ -413,7 +413,8 @@ impl ClaudeFs {
                 }
             };
             if let Some(size) = attr.size {
-                self.user_change(ino.0, file, Change::data(), || file.set_len(size))?;
+                self.flash
+                    .user_change(ino.0, file, Change::data(), || file.set_len(size))?;
                 self.data_changed(ino.0)?;
             }
             if attr.atime.is_some() || attr.mtime.is_some() {
@@ -424,7 +425,7 @@ impl ClaudeFs {
                     atime: pair(attr.atime),
                     mtime: pair(attr.mtime),
                 };
-                self.user_change(ino.0, file, change, || {
+                self.flash.user_change(ino.0, file, change, || {
                     Ok(nix::sys::stat::futimens(
                         file,
                         &spec(attr.atime),
@@ -842,7 +843,7 @@ impl Filesystem for ClaudeFs {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
             }
-            let written = self.user_change(h.ino, &h.file, Change::data(), || {
+            let written = self.flash.user_change(h.ino, &h.file, Change::data(), || {
                 std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)
             });
             // Even after a failed write, which may have landed in part.
@@ -1201,7 +1202,7 @@ impl Filesystem for ClaudeFs {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
             }
-            let done = self.user_change(h.ino, &h.file, Change::data(), || {
+            let done = self.flash.user_change(h.ino, &h.file, Change::data(), || {
                 Ok(nix::fcntl::fallocate(
                     &h.file,
                     nix::fcntl::FallocateFlags::from_bits_retain(mode),
@@ -1290,15 +1291,17 @@ impl Filesystem for ClaudeFs {
             if dst.cold {
                 self.ensure_present(dst.ino, offset_out..offset_out + len as u64)?;
             }
-            let n = self.user_change(dst.ino, &dst.file, Change::data(), || {
-                Ok(nix::fcntl::copy_file_range(
-                    &src.file,
-                    Some(&mut off_in),
-                    &dst.file,
-                    Some(&mut off_out),
-                    len,
-                )?)
-            });
+            let n = self
+                .flash
+                .user_change(dst.ino, &dst.file, Change::data(), || {
+                    Ok(nix::fcntl::copy_file_range(
+                        &src.file,
+                        Some(&mut off_in),
+                        &dst.file,
+                        Some(&mut off_out),
+                        len,
+                    )?)
+                });
             self.forget_fetched(dst.ino);
             let n = n?;
             dst.written.store(true, Ordering::Relaxed);
