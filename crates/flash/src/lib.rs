@@ -105,7 +105,7 @@ impl FlashDir {
 
     /// Opens an existing backing file for reading and writing. The daemon always opens both
     /// ways: the kernel has already checked the caller's access mode on the ClaudeFS file, and
-    /// the writeback cache needs to read pages of files opened write-only.
+    /// the movers (upload, hydration, repair) need both.
     pub fn open_rw(&self, ino: Ino) -> io::Result<File> {
         OpenOptions::new()
             .read(true)

@@ -195,9 +195,9 @@ impl ClaudeFs {
     /// file for upload if its data changed. Writes that bypassed the daemon (passthrough) are
     /// seen by their effect on size or mtime; `written` says the daemon itself wrote through
     /// the handle, which must queue the file even when size and mtime match (a same-size
-    /// rewrite whose mtime the kernel's writeback cache already set with SETATTR). Closing a
-    /// file that was opened for writing but not written costs no metadata commit. Returns
-    /// the backing file's size as read here (`None`: it has none).
+    /// rewrite within the clock's granularity, or one whose times a SETATTR put back).
+    /// Closing a file that was opened for writing but not written costs no metadata commit.
+    /// Returns the backing file's size as read here (`None`: it has none).
     pub(crate) fn sync_data_attr(&self, ino: u64, written: bool) -> FsResult<Option<u64>> {
         let Some(d) = DataAttr::read(&self.flash, ino) else {
             return Ok(None);
