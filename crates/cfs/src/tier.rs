@@ -47,6 +47,9 @@ impl OpenFiles for LiveFiles {
     fn last_used(&self, ino: u64) -> Option<Instant> {
         self.0.get().and_then(|live| live.last_used(ino))
     }
+    fn is_open(&self, ino: u64) -> bool {
+        self.0.get().is_some_and(|live| live.is_open(ino))
+    }
 }
 
 /// What the FUSE layer calls.
@@ -239,6 +242,7 @@ pub fn start(
         pressure: evictor.pressure(),
     })
     .on_clean(Arc::new(move |ino| nominate.nominate(ino)))
+    .with_open_files(Arc::clone(&live) as Arc<dyn OpenFiles>)
     .with_checkpoints(Duration::from_secs(args.checkpoint_interval));
     let tier = Tier {
         kick: uploader.kick_handle(),

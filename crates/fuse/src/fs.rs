@@ -107,6 +107,11 @@ impl Live {
         self.handles.while_unused(ino, f)
     }
 
+    /// Whether a handle of `ino` is open (or a truncation of it is running).
+    pub fn is_open(&self, ino: u64) -> bool {
+        self.handles.in_use(ino)
+    }
+
     /// When `ino` was last opened or closed in this mount.
     pub fn last_used(&self, ino: u64) -> Option<std::time::Instant> {
         self.handles.last_used(ino)

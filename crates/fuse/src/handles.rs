@@ -128,6 +128,10 @@ impl Handles {
         }
     }
 
+    pub fn in_use(&self, ino: u64) -> bool {
+        self.users.get(&ino).is_some_and(|e| e.count > 0)
+    }
+
     pub fn last_used(&self, ino: u64) -> Option<Instant> {
         self.users.get(&ino).map(|e| e.last)
     }

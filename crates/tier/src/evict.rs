@@ -25,6 +25,8 @@ pub trait OpenFiles: Send + Sync {
     fn while_closed(&self, ino: Ino, f: &mut dyn FnMut()) -> bool;
     /// When `ino` was last opened or closed in this mount, if it was.
     fn last_used(&self, ino: Ino) -> Option<Instant>;
+    /// Whether a handle of `ino` is open (or a truncation of it is running).
+    fn is_open(&self, ino: Ino) -> bool;
 }
 
 /// The flash budget.
@@ -363,6 +365,9 @@ mod tests {
         }
         fn last_used(&self, _ino: Ino) -> Option<Instant> {
             None
+        }
+        fn is_open(&self, _ino: Ino) -> bool {
+            false
         }
     }
 

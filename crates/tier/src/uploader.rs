@@ -135,6 +135,8 @@ pub struct Uploader {
     stats: Arc<UploadStats>,
     policy: FlushPolicy,
     on_clean: Option<CleanHook>,
+    /// The mount's open files: a file still open waits for its last close (see `select`).
+    open: Option<Arc<dyn crate::evict::OpenFiles>>,
     /// How blobs are read off flash (io_uring or pread; see `blob_io`).
     blob_io: BlobIo,
     /// When this mount first saw each queued file, for the flush age and `cfs status`.
@@ -225,6 +227,7 @@ impl Uploader {
             stats: Arc::new(UploadStats::default()),
             policy: FlushPolicy::default(),
             on_clean: None,
+            open: None,
             blob_io: BlobIo::auto(),
             first_seen: Default::default(),
             large: Default::default(),
@@ -255,6 +258,12 @@ impl Uploader {
         FinishHandle(self.finish_tx.clone())
     }
 
+    /// Lets passes hold back files that are still open; see [`Uploader::select`].
+    pub fn with_open_files(mut self, open: Arc<dyn crate::evict::OpenFiles>) -> Uploader {
+        self.open = Some(open);
+        self
+    }
+
     pub fn with_policy(mut self, policy: FlushPolicy) -> Uploader {
         self.policy = policy;
         self
@@ -274,8 +283,15 @@ impl Uploader {
 
     /// Of the queued files, those to upload now. Under flash pressure, all of them.
     /// Otherwise, in tiered mode, those queued for longer than the flush age or pinned to
-    /// `s3`; in cache mode, all; and of those, while data keeps changing, only files of a
-    /// blob or more and files held for [`BUSY_MAX_DEFER`] already.
+    /// `s3`; in cache mode, all; and of those, files open or closed less than
+    /// [`BUSY_QUIET`] ago only once held for [`BUSY_MAX_DEFER`], and while data keeps
+    /// changing, only files of a blob or more and files held for [`BUSY_MAX_DEFER`] already.
+    ///
+    /// An open file is most likely still being written (`fio` and databases `fallocate`
+    /// first, which queues the file before its data is there, and `fio` closes and reopens
+    /// it between laying it out and writing): uploading it then reads it while it changes,
+    /// uploads it again afterwards, and takes disk bandwidth from the writer. It goes a
+    /// little after its last close, or after [`BUSY_MAX_DEFER`] for files that stay open.
     fn select(&self, dirty: Vec<Ino>) -> Vec<Ino> {
         let now = Instant::now();
         let unix_now = unix_secs();
@@ -308,7 +324,17 @@ impl Uploader {
             {
                 return false;
             }
-            if !busy || age >= BUSY_MAX_DEFER {
+            if age >= BUSY_MAX_DEFER {
+                return true;
+            }
+            if self.open.as_ref().is_some_and(|o| {
+                o.is_open(*ino)
+                    || o.last_used(*ino)
+                        .is_some_and(|t| now.saturating_duration_since(t) < BUSY_QUIET)
+            }) {
+                return false;
+            }
+            if !busy {
                 return true;
             }
             // Sizes of held files are looked up again only every LARGE_RECHECK: a burst of
@@ -485,8 +511,13 @@ impl Uploader {
                         context: "upload slots".into(),
                         source: Box::new(e),
                     })?;
+                // Written to since the pass began: the file stays queued, and the rest of
+                // it goes up on a later pass rather than being read while it changes.
+                if data_version(&file.metadata().map_err(io_err)?) != before {
+                    return Ok(None);
+                }
                 let range = blob_range(k, size);
-                let data = read_blob(&self.blob_io, file, range).await?;
+                let data = read_blob(&self.blob_io, Arc::clone(&file), range).await?;
                 let (crc, chunks) = checksums(&data);
                 let current = recorded.iter().find(|b| b.k == k);
                 if let Some(b) = current
