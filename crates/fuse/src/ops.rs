@@ -913,24 +913,37 @@ impl Filesystem for ClaudeFs {
     ) {
         let r = (|| -> FsResult<()> {
             let h = self.handle(fh)?;
-            if datasync {
-                h.file.sync_data()?;
-            } else {
-                h.file.sync_all()?;
-            }
+            let sync_data = || {
+                if datasync {
+                    h.file.sync_data()
+                } else {
+                    h.file.sync_all()
+                }
+            };
             let read = self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
             // fdatasync owes the size, not the times: when this handle already made the
-            // current size durable, the data sync above is all (a rewrite in place, such as
-            // a database's journal header). A crash then loses at most the new mtime, which
+            // current size durable, the data sync is all (a rewrite in place, such as a
+            // database's journal header). A crash then loses at most the new mtime, which
             // recovery re-reads from the backing file, with the upload mark that goes with it.
             let size = match read {
                 Some(size) => size,
                 None => h.file.metadata()?.len(),
             };
             if datasync && h.durable_size.load(Ordering::Relaxed) == size {
+                sync_data()?;
                 return Ok(());
             }
-            self.meta.sync()?;
+            // The data and the metadata that records it are made durable side by side, so
+            // the caller waits for one device flush, not two in a row. Their order does not
+            // matter: until this returns nothing is promised, and after a crash recovery
+            // takes sizes and times from the backing files.
+            let (data, meta) = std::thread::scope(|s| {
+                let data = s.spawn(sync_data);
+                let meta = self.meta.sync();
+                (data.join(), meta)
+            });
+            data.map_err(|_| FsError::Errno(Errno::EIO))??;
+            meta?;
             h.durable_size.store(size, Ordering::Relaxed);
             Ok(())
         })();
