@@ -305,3 +305,82 @@ async fn conformance_uses_only_get_put_delete() {
         .with_retry(test_retry());
     conformance(&store).await;
 }
+
+/// What the uploader sees of open files, set by the test.
+#[derive(Default)]
+struct FakeOpenFiles {
+    open: std::sync::atomic::AtomicBool,
+    last_used: parking_lot::Mutex<Option<std::time::Instant>>,
+}
+
+impl crate::evict::OpenFiles for FakeOpenFiles {
+    fn while_closed(&self, _ino: Ino, f: &mut dyn FnMut()) -> bool {
+        f();
+        true
+    }
+    fn last_used(&self, _ino: Ino) -> Option<std::time::Instant> {
+        *self.last_used.lock()
+    }
+    fn is_open(&self, _ino: Ino) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A queued file that is still open, or was closed a moment ago, is most likely still being
+/// written: it waits, and goes up once it has been closed for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_and_just_closed_files_wait_for_the_uploader() {
+    use cfs_meta::{Caller, FileKind, MetaStore, Op, Timestamp};
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (meta, _) =
+        MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0).expect("meta");
+    let meta = Arc::new(meta);
+    let flash = cfs_flash::FlashDir::open(&dir.path().join("flash")).expect("flash");
+    let ino = meta.alloc_ino();
+    meta.execute(&Op::Create {
+        parent: cfs_meta::ROOT_INO,
+        name: b"f".to_vec(),
+        ino,
+        kind: FileKind::File,
+        perm: 0o644,
+        umask: 0,
+        rdev: 0,
+        target: Vec::new(),
+        caller: Caller::default(),
+        now: Timestamp::now(),
+    })
+    .expect("create");
+    flash
+        .create(ino)
+        .expect("backing file")
+        .write_all_at(b"being written", 0)
+        .expect("write");
+    meta.execute(&Op::MarkDirty { ino }).expect("dirty");
+
+    let open = Arc::new(FakeOpenFiles::default());
+    let up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, memory_store(), 2)
+        .expect("uploader")
+        .with_open_files(Arc::clone(&open) as Arc<dyn crate::evict::OpenFiles>);
+    let uploaded = || up.stats().blobs_uploaded.load(Ordering::Relaxed);
+
+    open.open.store(true, Ordering::Relaxed);
+    up.pass().await.expect("pass");
+    assert_eq!(
+        (uploaded(), meta.dirty_files(10).expect("dirty")),
+        (0, vec![ino])
+    );
+
+    open.open.store(false, Ordering::Relaxed);
+    *open.last_used.lock() = Some(Instant::now());
+    up.pass().await.expect("pass");
+    assert_eq!(uploaded(), 0, "uploaded right after its close");
+
+    *open.last_used.lock() = Instant::now().checked_sub(Duration::from_secs(5));
+    up.pass().await.expect("pass");
+    assert_eq!(uploaded(), 1);
+    assert!(meta.dirty_files(10).expect("dirty").is_empty());
+}
