@@ -8,9 +8,11 @@
 //! Every operation is retried under the store's [`RetryPolicy`]. Every body is checked
 //! against the length the server announced, so a cut-off body is an error, never short data.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -19,7 +21,7 @@ use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutOptions, PutPaylo
 
 use crate::error::{Fingerprint, Result, TierError};
 use crate::key::{BLOB_SIZE, ObjectKey, validate_path};
-use crate::retry::{RetryPolicy, retry};
+use crate::retry::{RetryPolicy, retry, retry_while};
 
 /// GET, PUT and DELETE of whole objects under one key prefix of one object store.
 #[derive(Clone)]
@@ -28,7 +30,18 @@ pub struct BlobStore {
     /// Prepended to every key; empty for none. Lets one bucket hold several deployments.
     prefix: String,
     retry: RetryPolicy,
+    /// Verified GETs that last gave up on a wrong body, and when (see [`SUSPECT_FOR`]): by
+    /// key and the fingerprint asked for, since a body is only wrong against one.
+    suspects: Arc<parking_lot::Mutex<HashMap<String, Instant>>>,
 }
+
+/// For this long after a verified GET of a key gave up on a wrong body, a wrong body from
+/// that key is not retried. The retries are for a bad transfer; a body that came back wrong
+/// on every attempt is a damaged object, and each read of it (the kernel retries a failed
+/// read page by page, and readahead asks again) would otherwise wait through the whole
+/// backoff before its `EIO`: minutes for one `cat`. One attempt still finds an object that
+/// was repaired meanwhile.
+const SUSPECT_FOR: Duration = Duration::from_secs(60);
 
 /// Names the inner store by its `Display`: some stores' `Debug` (InMemory's) dumps
 /// every object they hold.
@@ -60,6 +73,7 @@ impl BlobStore {
             store,
             prefix: prefix.to_string(),
             retry: RetryPolicy::default(),
+            suspects: Arc::default(),
         })
     }
 
@@ -104,7 +118,11 @@ impl BlobStore {
                 .map(drop)
                 .map_err(|e| TierError::from_store("put", key.as_str(), e))
         })
-        .await
+        .await?;
+        // New bytes under the key: whatever was found wrong with the old ones is moot.
+        let mine = format!("{key} ");
+        self.suspects.lock().retain(|id, _| !id.starts_with(&mine));
+        Ok(())
     }
 
     /// The whole object under `key`. Checked only for length: use [`Self::get_verified`]
@@ -160,7 +178,8 @@ impl BlobStore {
             len,
             crc32c: Some(crc32c),
         };
-        retry(&self.retry, || async {
+        let suspect = format!("{key} {len} {crc32c:08x}");
+        let r = retry_while(&self.retry, self.retryable_for(&suspect), || async {
             let res = self.get_opts(&path, key, GetOptions::default()).await?;
             if res.meta.size != len {
                 // The wrong object entirely: don't download it to find out.
@@ -186,7 +205,9 @@ impl BlobStore {
             }
             Ok(body)
         })
-        .await
+        .await;
+        self.note_verified(suspect, &r);
+        r
     }
 
     /// Bytes `range` of the object under `key`, in one ranged GET, only if each piece checks
@@ -213,7 +234,8 @@ impl BlobStore {
             )));
         }
         let path = self.path(key);
-        retry(&self.retry, || async {
+        let suspect = format!("{key} {range:?} {crcs:08x?}");
+        let r = retry_while(&self.retry, self.retryable_for(&suspect), || async {
             let opts = GetOptions::new().with_range(Some(range.clone()));
             let res = self.get_opts(&path, key, opts).await?;
             // A short or long body is `Corrupt` already (read_body checks the length).
@@ -238,7 +260,36 @@ impl BlobStore {
             }
             Ok(body)
         })
-        .await
+        .await;
+        self.note_verified(suspect, &r);
+        r
+    }
+
+    /// Which errors of a verified GET (`suspect`: its key and fingerprint) are worth another
+    /// attempt: while it is a suspect, a wrong body is not (an unreachable store still is).
+    fn retryable_for(&self, suspect: &str) -> impl Fn(&TierError) -> bool + use<> {
+        let suspect = self
+            .suspects
+            .lock()
+            .get(suspect)
+            .is_some_and(|at| at.elapsed() < SUSPECT_FOR);
+        move |e| !(suspect && matches!(e, TierError::Corrupt { .. }))
+    }
+
+    /// Makes a verified GET a suspect once it found a wrong body, and clears it once it
+    /// succeeded.
+    fn note_verified<T>(&self, suspect: String, r: &Result<T>) {
+        let mut suspects = self.suspects.lock();
+        match r {
+            Ok(_) => {
+                suspects.remove(&suspect);
+            }
+            Err(TierError::Corrupt { .. }) => {
+                suspects.retain(|_, at| at.elapsed() < SUSPECT_FOR);
+                suspects.insert(suspect, Instant::now());
+            }
+            Err(_) => {}
+        }
     }
 
     /// Deletes the object under `key`; a missing object is already deleted, so Ok. That

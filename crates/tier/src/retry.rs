@@ -77,7 +77,21 @@ pub static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 ///
 /// `op` is called afresh for every attempt, so it must be safe to repeat: our PUTs write a
 /// whole immutable object and DELETE of a missing key is Ok, so both are.
-pub async fn retry<T, F, Fut>(policy: &RetryPolicy, mut op: F) -> Result<T, TierError>
+pub async fn retry<T, F, Fut>(policy: &RetryPolicy, op: F) -> Result<T, TierError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, TierError>>,
+{
+    retry_while(policy, TierError::is_retryable, op).await
+}
+
+/// [`retry`], with the caller deciding which errors are worth another attempt (a subset
+/// of the retryable ones: see `BlobStore`'s suspects).
+pub async fn retry_while<T, F, Fut>(
+    policy: &RetryPolicy,
+    retryable: impl Fn(&TierError) -> bool,
+    mut op: F,
+) -> Result<T, TierError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, TierError>>,
@@ -88,7 +102,7 @@ where
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && attempt < policy.max_attempts => {
+            Err(e) if e.is_retryable() && retryable(&e) && attempt < policy.max_attempts => {
                 RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let rng = rng.get_or_insert_with(SplitMix64::from_entropy);
                 let delay = policy.backoff(attempt - 1, rng);

@@ -384,3 +384,58 @@ async fn open_and_just_closed_files_wait_for_the_uploader() {
     assert_eq!(uploaded(), 1);
     assert!(meta.dirty_files(10).expect("dirty").is_empty());
 }
+
+/// A verified GET that gave up on a damaged object retries a wrong body no more for a
+/// while, so repeated reads of it fail at once; writing the key again lifts that.
+#[tokio::test]
+async fn a_damaged_object_is_not_retried_again_until_it_is_written_again() {
+    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let counting = FaultyStore::new(inner, 1, Faults::none());
+    let store = BlobStore::new(Arc::new(counting.clone()), "")
+        .expect("store")
+        .with_retry(RetryPolicy {
+            max_attempts: 3,
+            ..test_retry()
+        });
+    let key = ObjectKey::new("k").expect("key");
+    let body = test_body(7, 4096);
+    let crc = crc32c::crc32c(&body);
+    store.put(&key, body.clone()).await.expect("put");
+    let calls = || counting.stats().calls;
+    // A wrong expected checksum stands for a damaged object.
+    let whole = || store.get_verified(&key, 4096, crc ^ 1);
+    let wrong = [crc ^ 1];
+    let piece = || store.get_range_verified(&key, 0..4096, 4096, &wrong);
+    for (what, first, again) in [("whole", 3, 1), ("piece", 3, 1)] {
+        for (n, want) in [(1, first), (2, again)] {
+            let before = calls();
+            let r = if what == "whole" {
+                whole().await
+            } else {
+                piece().await.map(|_| bytes::Bytes::new())
+            };
+            assert!(
+                matches!(r, Err(TierError::Corrupt { .. })),
+                "{what} {n}: {r:?}"
+            );
+            assert_eq!(
+                calls() - before,
+                want,
+                "GETs of the {what} object, time {n}"
+            );
+        }
+    }
+    // The right fingerprint still reads, in one GET.
+    let before = calls();
+    assert_eq!(
+        store.get_verified(&key, 4096, crc).await.expect("good"),
+        body
+    );
+    assert_eq!(calls() - before, 1);
+    // Written again (a repair): the next wrong body is retried in full.
+    store.put(&key, body.clone()).await.expect("put");
+    let before = calls();
+    let r = whole().await;
+    assert!(matches!(r, Err(TierError::Corrupt { .. })), "{r:?}");
+    assert_eq!(calls() - before, 3, "retried in full again");
+}
