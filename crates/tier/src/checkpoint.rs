@@ -455,34 +455,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uploader_gates_deletes_on_published_checkpoints() {
         use crate::uploader::Uploader;
-        use cfs_meta::{BlobRecord, Caller, FileKind, MetaStore, Op, Timestamp};
+        use cfs_meta::{BlobRecord, MetaStore, Op};
         use std::os::unix::fs::FileExt;
         use std::time::{Duration, Instant};
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let (meta, _) =
-            MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0).expect("meta");
-        let meta = Arc::new(meta);
-        let flash = cfs_flash::FlashDir::open(&dir.path().join("flash")).expect("flash");
+        let (meta, flash, ino, file) = crate::tests::one_queued_file(dir.path(), b"version one");
         let s = store();
         let fs = FsId::new(meta.fs_id()).expect("fs id");
-        let ino = meta.alloc_ino();
-        meta.execute(&Op::Create {
-            parent: cfs_meta::ROOT_INO,
-            name: b"f".to_vec(),
-            ino,
-            kind: FileKind::File,
-            perm: 0o644,
-            umask: 0,
-            rdev: 0,
-            target: Vec::new(),
-            caller: Caller::default(),
-            now: Timestamp::now(),
-        })
-        .expect("create");
-        let file = flash.create(ino).expect("backing file");
-        file.write_all_at(b"version one", 0).expect("write");
-        meta.execute(&Op::MarkDirty { ino }).expect("dirty");
 
         let up = Uploader::new(Arc::clone(&meta), flash.clone(), s.clone(), 2)
             .expect("uploader")

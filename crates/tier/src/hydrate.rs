@@ -572,7 +572,6 @@ mod tests {
     use crate::BlobIo;
     use crate::blob_io::{Uring, UringOptions};
     use crate::uploader::Uploader;
-    use cfs_meta::{Caller, FileKind, Timestamp};
     use std::os::unix::fs::{FileExt, MetadataExt};
 
     /// A fetched blob's bytes land on flash exactly, whether they start at an aligned address
@@ -620,33 +619,13 @@ mod tests {
         let uring = Uring::new(UringOptions::default()).expect("io_uring ring");
         for io in [BlobIo::Portable, BlobIo::Uring(uring)] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (meta, _) = MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0)
-                .expect("meta");
-            let meta = Arc::new(meta);
-            let flash = FlashDir::open(&dir.path().join("flash")).expect("flash");
             let store = BlobStore::new(Arc::new(object_store::memory::InMemory::new()), "pre")
                 .expect("store");
-            let ino = meta.alloc_ino();
-            meta.execute(&Op::Create {
-                parent: cfs_meta::ROOT_INO,
-                name: b"f".to_vec(),
-                ino,
-                kind: FileKind::File,
-                perm: 0o644,
-                umask: 0,
-                rdev: 0,
-                target: Vec::new(),
-                caller: Caller::default(),
-                now: Timestamp::now(),
-            })
-            .expect("create");
             let mut rng = crate::SplitMix64::new(9);
             let data: Vec<u8> = (0..BLOB_SIZE + (1 << 20) + 7)
                 .map(|_| rng.next_u64() as u8)
                 .collect();
-            let file = flash.create(ino).expect("backing file");
-            file.write_all_at(&data, 0).expect("write");
-            meta.execute(&Op::MarkDirty { ino }).expect("dirty");
+            let (meta, flash, ino, file) = crate::tests::one_queued_file(dir.path(), &data);
             Uploader::new(Arc::clone(&meta), flash.clone(), store.clone(), 2)
                 .expect("uploader")
                 .with_blob_io(io.clone())

@@ -306,6 +306,44 @@ async fn conformance_uses_only_get_put_delete() {
     conformance(&store).await;
 }
 
+/// A metadata store and a flash directory under `dir`, holding one regular file `f` with
+/// `data`, queued for upload: what the uploader's tests start from. Returns the backing
+/// file too, for writing it again.
+pub(crate) fn one_queued_file(
+    dir: &std::path::Path,
+    data: &[u8],
+) -> (
+    Arc<cfs_meta::MetaStore>,
+    cfs_flash::FlashDir,
+    Ino,
+    std::fs::File,
+) {
+    use cfs_meta::{Caller, FileKind, MetaStore, Op, Timestamp};
+    use std::os::unix::fs::FileExt;
+
+    let (meta, _) = MetaStore::open(&dir.join("meta.redb"), Timestamp::now(), 0, 0).expect("meta");
+    let meta = Arc::new(meta);
+    let flash = cfs_flash::FlashDir::open(&dir.join("flash")).expect("flash");
+    let ino = meta.alloc_ino();
+    meta.execute(&Op::Create {
+        parent: cfs_meta::ROOT_INO,
+        name: b"f".to_vec(),
+        ino,
+        kind: FileKind::File,
+        perm: 0o644,
+        umask: 0,
+        rdev: 0,
+        target: Vec::new(),
+        caller: Caller::default(),
+        now: Timestamp::now(),
+    })
+    .expect("create");
+    let file = flash.create(ino).expect("backing file");
+    file.write_all_at(data, 0).expect("write");
+    meta.execute(&Op::MarkDirty { ino }).expect("dirty");
+    (meta, flash, ino, file)
+}
+
 /// What the uploader sees of open files, set by the test.
 #[derive(Default)]
 struct FakeOpenFiles {
@@ -330,36 +368,11 @@ impl crate::evict::OpenFiles for FakeOpenFiles {
 /// written: it waits, and goes up once it has been closed for a while.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_and_just_closed_files_wait_for_the_uploader() {
-    use cfs_meta::{Caller, FileKind, MetaStore, Op, Timestamp};
-    use std::os::unix::fs::FileExt;
     use std::sync::atomic::Ordering;
     use std::time::Instant;
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let (meta, _) =
-        MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0).expect("meta");
-    let meta = Arc::new(meta);
-    let flash = cfs_flash::FlashDir::open(&dir.path().join("flash")).expect("flash");
-    let ino = meta.alloc_ino();
-    meta.execute(&Op::Create {
-        parent: cfs_meta::ROOT_INO,
-        name: b"f".to_vec(),
-        ino,
-        kind: FileKind::File,
-        perm: 0o644,
-        umask: 0,
-        rdev: 0,
-        target: Vec::new(),
-        caller: Caller::default(),
-        now: Timestamp::now(),
-    })
-    .expect("create");
-    flash
-        .create(ino)
-        .expect("backing file")
-        .write_all_at(b"being written", 0)
-        .expect("write");
-    meta.execute(&Op::MarkDirty { ino }).expect("dirty");
+    let (meta, flash, ino, _) = one_queued_file(dir.path(), b"being written");
 
     let open = Arc::new(FakeOpenFiles::default());
     let up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, memory_store(), 2)
