@@ -9,6 +9,7 @@ mod fs;
 mod handles;
 mod ops;
 mod purger;
+mod sync_beside;
 mod tier_tree;
 
 pub use attr::DataAttr;

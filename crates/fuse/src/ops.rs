@@ -4,6 +4,7 @@
 use crate::caller::{caller, caller_with_groups};
 use crate::errno::{FsError, FsResult};
 use crate::fs::ClaudeFs;
+use crate::sync_beside::sync_beside;
 use cfs_flash::Change;
 use cfs_meta::{FileKind, Inode, Op, Outcome, RenameMode, SetAttr, Timestamp, XattrMode, acl};
 use fuser::{
@@ -913,13 +914,6 @@ impl Filesystem for ClaudeFs {
     ) {
         let r = (|| -> FsResult<()> {
             let h = self.handle(fh)?;
-            let sync_data = || {
-                if datasync {
-                    h.file.sync_data()
-                } else {
-                    h.file.sync_all()
-                }
-            };
             let read = self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
             // fdatasync owes the size, not the times: when this handle already made the
             // current size durable, the data sync is all (a rewrite in place, such as a
@@ -930,19 +924,15 @@ impl Filesystem for ClaudeFs {
                 None => h.file.metadata()?.len(),
             };
             if datasync && h.durable_size.load(Ordering::Relaxed) == size {
-                sync_data()?;
+                h.file.sync_data()?;
                 return Ok(());
             }
             // The data and the metadata that records it are made durable side by side, so
             // the caller waits for one device flush, not two in a row. Their order does not
             // matter: until this returns nothing is promised, and after a crash recovery
             // takes sizes and times from the backing files.
-            let (data, meta) = std::thread::scope(|s| {
-                let data = s.spawn(sync_data);
-                let meta = self.meta.sync();
-                (data.join(), meta)
-            });
-            data.map_err(|_| FsError::Errno(Errno::EIO))??;
+            let (data, meta) = sync_beside(&h.file, datasync, || self.meta.sync());
+            data?;
             meta?;
             h.durable_size.store(size, Ordering::Relaxed);
             Ok(())
