@@ -100,6 +100,11 @@ pub fn run(args: MountArgs) -> Result<()> {
     serve(&args, &data_dir, &mountpoint)
 }
 
+/// Empty backing files kept ready for creates (see `docs/architecture.md`, "Backing files"):
+/// enough for a burst of a few thousand creates (`tar`, a build) to find one waiting while the
+/// background filler catches up; each costs one inode of the flash filesystem.
+const SPARES_READY: usize = 1024;
+
 /// Runs the mount in this process until it is unmounted or signalled.
 fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     let dir = DataDir::new(data_dir);
@@ -110,6 +115,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     }
     let tier_cfg = resolve_tier(args, &dir, &meta)?;
     dir.recover(&meta, &flash, true)?;
+    flash.keep_spares_ready(SPARES_READY);
 
     let mut passthrough = !args.no_passthrough;
     if passthrough && !may_passthrough() {

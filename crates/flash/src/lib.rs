@@ -139,6 +139,14 @@ impl FlashDir {
         }
     }
 
+    /// Keeps about `count` empty spares ready from now on, made by a background thread, so
+    /// that creates rename one into place instead of allocating an inode of the flash
+    /// filesystem on the request path (see [`spare`]). For the serving daemon; the default is
+    /// none.
+    pub fn keep_spares_ready(&self, count: usize) {
+        self.spares.keep_ready(count);
+    }
+
     /// How many emptied backing files wait to be reused.
     pub fn spare_count(&self) -> usize {
         self.spares.len()
@@ -334,6 +342,43 @@ mod tests {
                 .join(format!("{:016x}", 2))
                 .exists(),
             "new spares are named after the highest found"
+        );
+    }
+
+    #[test]
+    fn creates_take_spares_the_filler_made_in_advance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flash = FlashDir::open(dir.path()).expect("open");
+        flash.keep_spares_ready(8);
+        let wait_for = |want: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while flash.spare_count() < want {
+                assert!(std::time::Instant::now() < deadline, "spares not made");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        // Nothing was deleted: the first create allocates, and wakes the filler.
+        drop(flash.create(1).expect("create"));
+        wait_for(8);
+        let spare_inos: Vec<u64> = fs::read_dir(dir.path().join("spare"))
+            .expect("spare dir")
+            .map(|e| e.expect("entry").metadata().expect("md").ino())
+            .collect();
+        assert_eq!(spare_inos.len(), 8);
+        // Creates use them, emptied and exclusive as ever, until a quarter is left; then the
+        // filler tops them up again.
+        for ino in 2..8 {
+            let f = flash.create(ino).expect("create");
+            let md = f.metadata().expect("md");
+            assert!(spare_inos.contains(&md.ino()), "create {ino} took a spare");
+            assert_eq!(md.len(), 0);
+        }
+        wait_for(8);
+        assert!(flash.create(2).is_err(), "create stays exclusive");
+        assert_eq!(
+            flash.scan().expect("scan").len(),
+            7,
+            "spares are not backing files"
         );
     }
 

@@ -10,9 +10,11 @@
 
 use std::fs::{self, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 /// The spares' directory, beside the 256 shards.
 pub(crate) const DIR: &str = "spare";
@@ -28,6 +30,11 @@ pub(crate) struct Spares {
     /// never lists or touches the spares.
     free: Mutex<Option<Vec<PathBuf>>>,
     next_name: AtomicU64,
+    /// How many spares the filler keeps ready; 0 (the default) means no filler.
+    ready: AtomicUsize,
+    /// Wakes the filler thread, started by the first take below `ready / 4`. Dropping it (with
+    /// the last `Spares`) ends the thread.
+    filler: OnceLock<SyncSender<()>>,
 }
 
 impl Spares {
@@ -36,7 +43,18 @@ impl Spares {
             dir,
             free: Mutex::new(None),
             next_name: AtomicU64::new(0),
+            ready: AtomicUsize::new(0),
+            filler: OnceLock::new(),
         }
+    }
+
+    /// Keeps about `count` spares ready from now on: whenever a create leaves fewer than a
+    /// quarter of them, a background thread creates new empty ones up to `count`. Creates then
+    /// rename a spare into place even when nothing was deleted before (a fresh mount, `tar`,
+    /// a build), and the inode allocation of the flash filesystem happens off the request
+    /// path.
+    pub(crate) fn keep_ready(&self, count: usize) {
+        self.ready.store(count.min(MAX), Ordering::Relaxed);
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -44,9 +62,14 @@ impl Spares {
     }
 
     /// Renames a spare to `dest` (which must not exist). False if there is no spare.
-    pub(crate) fn take_into(&self, dest: &Path) -> io::Result<bool> {
+    pub(crate) fn take_into(self: &Arc<Self>, dest: &Path) -> io::Result<bool> {
         loop {
-            let Some(spare) = self.with_free(|free| Ok(free.pop()))? else {
+            let (spare, left) = self.with_free(|free| Ok((free.pop(), free.len())))?;
+            let ready = self.ready.load(Ordering::Relaxed);
+            if left < ready / 4 + 1 && ready > 0 {
+                self.wake_filler();
+            }
+            let Some(spare) = spare else {
                 return Ok(false);
             };
             match nix::fcntl::renameat2(
@@ -97,6 +120,53 @@ impl Spares {
         Ok(true)
     }
 
+    /// Asks the filler thread (started on first use) to top the spares up.
+    fn wake_filler(self: &Arc<Self>) {
+        let tx = self.filler.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let spares = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("cfs-spares".into())
+                .spawn(move || fill(&spares, &rx));
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start the spare filler: {e}; creates allocate inline");
+            }
+            tx
+        });
+        // Full: a wake-up is already pending. Disconnected: the thread could not start.
+        let _ = tx.try_send(());
+    }
+
+    /// Creates empty spares until `ready` are listed. Each one is empty before it is listed,
+    /// as [`Spares::keep`] promises.
+    fn top_up(&self) -> io::Result<usize> {
+        let mut made = 0;
+        while self.with_free(|free| Ok(free.len()))? < self.ready.load(Ordering::Relaxed) {
+            let spare = self.dir.join(format!(
+                "{:016x}",
+                self.next_name.fetch_add(1, Ordering::Relaxed)
+            ));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&spare)
+            {
+                Ok(_) => {}
+                // Left by an operator, or a name this run already used: take the next one.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+            self.with_free(|free| {
+                free.push(spare);
+                Ok(())
+            })?;
+            made += 1;
+        }
+        Ok(made)
+    }
+
     fn with_free<T>(&self, f: impl FnOnce(&mut Vec<PathBuf>) -> io::Result<T>) -> io::Result<T> {
         let mut guard = self
             .free
@@ -136,6 +206,21 @@ impl Spares {
         self.next_name
             .store(highest.map_or(0, |n| n + 1), Ordering::Relaxed);
         Ok(free)
+    }
+}
+
+/// The filler thread: tops the spares up at each wake-up, and ends once they are dropped.
+fn fill(spares: &Weak<Spares>, wake: &Receiver<()>) {
+    while wake.recv().is_ok() {
+        let Some(spares) = spares.upgrade() else {
+            return;
+        };
+        match spares.top_up() {
+            Ok(made) => tracing::debug!("spare filler: {made} new empty backing files"),
+            // A full or read-only flash filesystem: creates allocate inline (and fail there
+            // with the error the caller needs); try again at the next wake-up.
+            Err(e) => tracing::warn!("spare filler stopped: {e}"),
+        }
     }
 }
 
