@@ -34,6 +34,16 @@ fn umount(mountpoint: &std::path::Path) -> anyhow::Result<()> {
         anyhow::bail!("{} is not mounted", mountpoint.display());
     };
     if !m.is_cfs() {
+        if m.fstype.starts_with("fuse") {
+            // Also what a ClaudeFS mount looks like once its data dir was deleted under it.
+            anyhow::bail!(
+                "{} is a FUSE mount of {}, which holds no ClaudeFS metadata (meta.redb); if \
+                 it is a ClaudeFS mount whose data dir was removed, `umount -l {}` detaches it",
+                mountpoint.display(),
+                m.source,
+                mountpoint.display()
+            );
+        }
         anyhow::bail!(
             "{} is a {} mount, not ClaudeFS",
             mountpoint.display(),
