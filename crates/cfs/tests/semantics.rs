@@ -401,19 +401,30 @@ fn deleted_files_are_purged_by_unmount_and_their_backing_files_reused() {
         std::fs::write(m.path(&format!("d/f{i}")), vec![i as u8; 3000]).expect("write");
     }
     std::fs::write(m.path("keep"), b"kept").expect("write");
+    let flash = m.data_dir.join("flash");
+    let ino_of = |p: &std::path::PathBuf| std::fs::metadata(p).expect("stat").ino();
+    let backing_before: std::collections::HashSet<u64> = walk(&flash).iter().map(ino_of).collect();
+    assert_eq!(backing_before.len(), 301);
     std::fs::remove_dir_all(m.path("d")).expect("rm -r");
     m.unmount();
-    let flash = m.data_dir.join("flash");
-    assert_eq!(
-        walk(&flash).len(),
-        1,
-        "only the kept file's backing file is left"
-    );
+    let left = walk(&flash);
+    assert_eq!(left.len(), 1, "only the kept file's backing file is left");
+    // The spare directory also holds the empty files the daemon makes in advance.
     let spares: Vec<_> = std::fs::read_dir(flash.join("spare"))
         .expect("spares")
         .map(|e| e.expect("entry").path())
         .collect();
-    assert_eq!(spares.len(), 300, "every purged backing file is a spare");
+    let spare_inos: std::collections::HashSet<u64> = spares.iter().map(ino_of).collect();
+    let purged: Vec<u64> = backing_before
+        .iter()
+        .copied()
+        .filter(|ino| *ino != ino_of(&left[0]))
+        .collect();
+    assert_eq!(purged.len(), 300);
+    assert!(
+        purged.iter().all(|ino| spare_inos.contains(ino)),
+        "every purged backing file is a spare"
+    );
     assert!(
         spares
             .iter()
@@ -429,10 +440,6 @@ fn deleted_files_are_purged_by_unmount_and_their_backing_files_reused() {
     );
 
     m.remount();
-    let spare_inos: std::collections::HashSet<u64> = spares
-        .iter()
-        .map(|p| std::fs::metadata(p).expect("stat").ino())
-        .collect();
     std::fs::write(m.path("new"), b"fresh").expect("write");
     assert_eq!(std::fs::read(m.path("new")).expect("read"), b"fresh");
     assert_eq!(std::fs::read(m.path("keep")).expect("read"), b"kept");
