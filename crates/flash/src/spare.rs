@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 /// The spares' directory, beside the 256 shards.
 pub(crate) const DIR: &str = "spare";
@@ -32,8 +33,8 @@ pub(crate) struct Spares {
     next_name: AtomicU64,
     /// How many spares the filler keeps ready; 0 (the default) means no filler.
     ready: AtomicUsize,
-    /// Wakes the filler thread, started by the first take below `ready / 4`. Dropping it (with
-    /// the last `Spares`) ends the thread.
+    /// Wakes the filler thread, started by [`Spares::keep_ready`]. Dropping it (with the last
+    /// `Spares`) ends the thread.
     filler: OnceLock<SyncSender<()>>,
 }
 
@@ -53,8 +54,12 @@ impl Spares {
     /// rename a spare into place even when nothing was deleted before (a fresh mount, `tar`,
     /// a build), and the inode allocation of the flash filesystem happens off the request
     /// path.
-    pub(crate) fn keep_ready(&self, count: usize) {
+    /// The filler starts at once, so a fresh mount has them before its first create.
+    pub(crate) fn keep_ready(self: &Arc<Self>, count: usize) {
         self.ready.store(count.min(MAX), Ordering::Relaxed);
+        if count > 0 {
+            self.wake_filler();
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -209,17 +214,29 @@ impl Spares {
     }
 }
 
+/// After a failed top-up the filler rests this long: a full flash filesystem would otherwise
+/// fail (and log) once per create.
+const REST_AFTER_ERROR: Duration = Duration::from_secs(10);
+
 /// The filler thread: tops the spares up at each wake-up, and ends once they are dropped.
 fn fill(spares: &Weak<Spares>, wake: &Receiver<()>) {
     while wake.recv().is_ok() {
-        let Some(spares) = spares.upgrade() else {
+        let Some(strong) = spares.upgrade() else {
             return;
         };
-        match spares.top_up() {
+        let made = strong.top_up();
+        drop(strong);
+        match made {
             Ok(made) => tracing::debug!("spare filler: {made} new empty backing files"),
             // A full or read-only flash filesystem: creates allocate inline (and fail there
-            // with the error the caller needs); try again at the next wake-up.
-            Err(e) => tracing::warn!("spare filler stopped: {e}"),
+            // with the error the caller needs); wake-ups meanwhile wait in the channel.
+            Err(e) => {
+                tracing::warn!(
+                    "spare filler: {e}; creates allocate their own backing files, retrying in {} s",
+                    REST_AFTER_ERROR.as_secs()
+                );
+                std::thread::sleep(REST_AFTER_ERROR);
+            }
         }
     }
 }
