@@ -66,6 +66,12 @@ impl FlashDir {
                 fs::create_dir(&dir)?;
             }
         }
+        // Made here, never later: a spare filler must not recreate a data dir that was moved
+        // or removed under a running mount.
+        let spare_dir = root.join(spare::DIR);
+        if !spare_dir.exists() {
+            fs::create_dir(&spare_dir)?;
+        }
         Ok(FlashDir {
             root: root.to_path_buf(),
             spares: std::sync::Arc::new(spare::Spares::new(root.join(spare::DIR))),

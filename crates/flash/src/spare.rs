@@ -189,7 +189,6 @@ impl Spares {
     /// Lists the spares left by earlier runs, emptying any a crash left with data, and names
     /// new ones after the highest found.
     fn load(&self) -> io::Result<Vec<PathBuf>> {
-        fs::create_dir_all(&self.dir)?;
         let mut free = Vec::new();
         let mut highest = None;
         for entry in fs::read_dir(&self.dir)? {
