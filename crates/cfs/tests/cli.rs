@@ -125,18 +125,20 @@ fn fsck_and_status_refuse_what_is_not_a_filesystem() {
     assert!(line.contains("not mounted"), "{line}");
 }
 
-/// A mount whose data dir went away under it (here: renamed) no longer looks like ClaudeFS;
-/// `cfs umount` says how to detach it instead of only refusing.
+/// A mount whose data dir went away under it no longer looks like ClaudeFS; `cfs umount` says
+/// how to detach it instead of only refusing. The metadata file is moved aside here (the
+/// daemon keeps it open), not the whole data dir, which the running daemon writes into.
 #[test]
 fn umount_of_a_mount_whose_data_dir_is_gone_says_how_to_detach_it() {
     let root = scratch("cli-umount-gone");
     let mut m = Mount::start(root.path(), &[]);
-    let moved = root.path().join("moved");
-    std::fs::rename(&m.data_dir, &moved).expect("move the data dir away");
+    let meta = m.data_dir.join("meta.redb");
+    let moved = root.path().join("meta.redb.moved");
+    std::fs::rename(&meta, &moved).expect("move the metadata aside");
     let line = mount_fails(&["umount", m.mountpoint.to_str().expect("utf8")]);
     assert!(line.contains("umount -l"), "{line}");
     assert!(is_mounted(&m.mountpoint), "refused, so still mounted");
-    std::fs::rename(&moved, &m.data_dir).expect("move the data dir back");
+    std::fs::rename(&moved, &meta).expect("move the metadata back");
     m.unmount();
 }
 
