@@ -77,6 +77,13 @@ impl Handles {
         self.open.get(&fh).map(|h| Arc::clone(&h))
     }
 
+    /// Removes and returns every handle still open. At the end of a session these are the
+    /// handles whose RELEASE the kernel dropped: it discards queued requests at unmount.
+    pub fn drain(&self) -> Vec<Arc<Handle>> {
+        let fhs: Vec<u64> = self.open.iter().map(|e| *e.key()).collect();
+        fhs.into_iter().filter_map(|fh| self.remove(fh)).collect()
+    }
+
     pub fn remove(&self, fh: u64) -> Option<Arc<Handle>> {
         let handle = self.open.remove(&fh).map(|(_, h)| h);
         if let Some(h) = &handle {

@@ -533,6 +533,16 @@ impl Filesystem for ClaudeFs {
     }
 
     fn destroy(&mut self) {
+        // A file closed just before the unmount may have its RELEASE still queued, and the
+        // kernel drops it with the connection. Release is where the daemon records what
+        // passthrough writes did (size, times, the upload mark), so do it here instead.
+        for h in self.live.handles.drain() {
+            if h.writable
+                && let Err(e) = self.sync_data_attr(h.ino, h.written.load(Ordering::Relaxed))
+            {
+                tracing::error!(ino = h.ino, error = ?e, "recording a file's last writes at unmount failed");
+            }
+        }
         self.purger.finish();
         if let Err(e) = self.meta.sync() {
             tracing::error!(error = %e, "final metadata sync failed");
