@@ -189,9 +189,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     std::thread::Builder::new().name("cfs-signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, mountpoint = %sig_mountpoint.display(), "unmounting on signal");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!(error = %e, "unmount failed");
-            }
+            unmount_on_signal(&mut unmounter, &sig_mountpoint);
         }
     })?;
 
@@ -208,6 +206,33 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     dir.mark_clean()?;
     tracing::info!(mountpoint = %mountpoint.display(), "unmounted cleanly");
     Ok(())
+}
+
+/// How long a signalled daemon retries an unmount that finds the mount busy.
+const BUSY_UNMOUNT_RETRY: Duration = Duration::from_secs(5);
+
+/// Unmounts after SIGTERM/SIGINT. A file open on the mount (or held for a moment by a forking
+/// process) makes the unmount fail with EBUSY; the daemon retries for a while and then
+/// detaches the mount (`umount -l`), which ends the session once the last file is closed. A
+/// signal must not leave the daemon serving with nobody left to stop it.
+fn unmount_on_signal(unmounter: &mut fuser::SessionUnmounter, mountpoint: &Path) {
+    use nix::mount::{MntFlags, umount2};
+    // fuser's unmounter gives up its handle on the first attempt, failed or not, so the
+    // retries call umount2 directly.
+    let mut result = unmounter.unmount();
+    let busy =
+        |r: &std::io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY));
+    let deadline = std::time::Instant::now() + BUSY_UNMOUNT_RETRY;
+    while busy(&result) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        result = umount2(mountpoint, MntFlags::empty()).map_err(std::io::Error::from);
+    }
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "unmount failed; detaching the mount instead, it goes away when its last open file is closed");
+        if let Err(e) = umount2(mountpoint, MntFlags::MNT_DETACH) {
+            tracing::error!(error = %e, "detaching the mount failed");
+        }
+    }
 }
 
 /// Readahead, in KiB, for reads the daemon serves: the 1 MiB of one FUSE read (max_readahead).
