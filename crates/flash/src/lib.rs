@@ -99,7 +99,8 @@ impl FlashDir {
         Self::create_new(&path)
     }
 
-    fn create_new(path: &Path) -> io::Result<File> {
+    /// A new, empty backing file at `path` (spares included): owned by the daemon, 0600.
+    pub(crate) fn create_new(path: &Path) -> io::Result<File> {
         OpenOptions::new()
             .read(true)
             .write(true)

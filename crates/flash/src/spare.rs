@@ -10,7 +10,6 @@
 
 use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
@@ -151,13 +150,7 @@ impl Spares {
                 "{:016x}",
                 self.next_name.fetch_add(1, Ordering::Relaxed)
             ));
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&spare)
-            {
+            match crate::FlashDir::create_new(&spare) {
                 Ok(_) => {}
                 // Left by an operator, or a name this run already used: take the next one.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
