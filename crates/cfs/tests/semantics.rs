@@ -440,6 +440,13 @@ fn deleted_files_are_purged_by_unmount_and_their_backing_files_reused() {
     );
 
     m.remount();
+    // The mount's filler may top the spares up: take the list once it has settled, so that
+    // the spare the next create takes is in it.
+    let spare_inos = settled_spares(&flash.join("spare"));
+    assert!(
+        purged.iter().all(|ino| spare_inos.contains(ino)),
+        "the purged backing files are still spares after a remount"
+    );
     std::fs::write(m.path("new"), b"fresh").expect("write");
     assert_eq!(std::fs::read(m.path("new")).expect("read"), b"fresh");
     assert_eq!(std::fs::read(m.path("keep")).expect("read"), b"kept");
@@ -449,6 +456,32 @@ fn deleted_files_are_purged_by_unmount_and_their_backing_files_reused() {
         .filter(|p| spare_inos.contains(&std::fs::metadata(p).expect("stat").ino()))
         .count();
     assert_eq!(reused, 1, "the new file's backing file is a former spare");
+}
+
+/// The inode numbers of the spares in `dir` once their count has stayed the same for 300 ms
+/// (at most 10 s): the mount's filler makes new ones in the background.
+fn settled_spares(dir: &std::path::Path) -> std::collections::HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let list = || -> std::collections::HashSet<u64> {
+        std::fs::read_dir(dir)
+            .expect("spares")
+            .map(|e| e.expect("entry").metadata().expect("stat").ino())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = list();
+    let mut still = 0;
+    while still < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let now = list();
+        still = if now.len() == last.len() {
+            still + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    last
 }
 
 #[test]
