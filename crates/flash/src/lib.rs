@@ -60,17 +60,14 @@ impl FlashDir {
     /// Opens (creating if needed) the flash directory `root`.
     pub fn open(root: &Path) -> io::Result<FlashDir> {
         fs::create_dir_all(root)?;
-        for shard in 0..256u32 {
-            let dir = root.join(format!("{shard:02x}"));
+        // The spare directory is made here with the shards, never later: a spare filler must
+        // not recreate a data dir that was moved or removed under a running mount.
+        let shards = (0..256u32).map(|shard| format!("{shard:02x}"));
+        for name in shards.chain([spare::DIR.to_string()]) {
+            let dir = root.join(name);
             if !dir.exists() {
                 fs::create_dir(&dir)?;
             }
-        }
-        // Made here, never later: a spare filler must not recreate a data dir that was moved
-        // or removed under a running mount.
-        let spare_dir = root.join(spare::DIR);
-        if !spare_dir.exists() {
-            fs::create_dir(&spare_dir)?;
         }
         Ok(FlashDir {
             root: root.to_path_buf(),

@@ -145,6 +145,16 @@ impl ClaudeFs {
         }
     }
 
+    /// What closing a handle records: for a writable one, what its writes (passthrough ones
+    /// included, which the daemon never saw) did to the file's size, times and upload mark.
+    /// At RELEASE, and at unmount for handles whose RELEASE the kernel dropped.
+    fn record_release(&self, h: &crate::handles::Handle) -> FsResult<()> {
+        if h.writable {
+            self.sync_data_attr(h.ino, h.written.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+
     fn removed(&self, outcome: Outcome) {
         // The inode itself stays until the kernel forgets it (open files keep using it).
         if let Outcome::Removed {
@@ -537,9 +547,7 @@ impl Filesystem for ClaudeFs {
         // kernel drops it with the connection. Release is where the daemon records what
         // passthrough writes did (size, times, the upload mark), so do it here instead.
         for h in self.live.handles.drain() {
-            if h.writable
-                && let Err(e) = self.sync_data_attr(h.ino, h.written.load(Ordering::Relaxed))
-            {
+            if let Err(e) = self.record_release(&h) {
                 tracing::error!(ino = h.ino, error = ?e, "recording a file's last writes at unmount failed");
             }
         }
@@ -888,7 +896,7 @@ impl Filesystem for ClaudeFs {
     fn release(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -896,12 +904,7 @@ impl Filesystem for ClaudeFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.live.handles.remove(fh.0);
-        let r = match &handle {
-            Some(h) if h.writable => self
-                .sync_data_attr(ino.0, h.written.load(Ordering::Relaxed))
-                .map(drop),
-            _ => Ok(()),
-        };
+        let r = handle.as_ref().map_or(Ok(()), |h| self.record_release(h));
         Self::empty(reply, "release", r);
         // After the reply: the kernel has left this handle's io mode only now.
         if let Some(h) = handle {
