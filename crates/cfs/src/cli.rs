@@ -101,6 +101,15 @@ pub struct MountArgs {
     #[arg(long)]
     pub s3_region: Option<String>,
 
+    /// How upload bodies are checked on their way to an s3:// server. `crc64nvme`: an
+    /// x-amz-checksum-crc64nvme header the server checks, the body left out of the
+    /// signature, as the AWS SDKs do (cheap). `signed`: SigV4 signs the body's SHA-256 (any
+    /// server; costs CPU on every upload). `none`: for a server that rejects the checksum
+    /// header. Default: crc64nvme, or what AWS_UNSIGNED_PAYLOAD / AWS_CHECKSUM_ALGORITHM say.
+    /// Recorded in DIR/tier.json like the endpoint.
+    #[arg(long, value_name = "crc64nvme|signed|none")]
+    pub s3_checksum: Option<cfs_tier::S3Checksum>,
+
     /// Files uploaded concurrently.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub upload_concurrency: usize,
@@ -251,6 +260,15 @@ pub struct RepairArgs {
     /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
     #[arg(long)]
     pub s3_region: Option<String>,
+
+    /// How upload bodies are checked on their way to an s3:// server. `crc64nvme`: an
+    /// x-amz-checksum-crc64nvme header the server checks, the body left out of the
+    /// signature, as the AWS SDKs do (cheap). `signed`: SigV4 signs the body's SHA-256 (any
+    /// server; costs CPU on every upload). `none`: for a server that rejects the checksum
+    /// header. Default: crc64nvme, or what AWS_UNSIGNED_PAYLOAD / AWS_CHECKSUM_ALGORITHM say.
+    /// Recorded in DIR/tier.json like the endpoint.
+    #[arg(long, value_name = "crc64nvme|signed|none")]
+    pub s3_checksum: Option<cfs_tier::S3Checksum>,
 
     /// Rebuild the metadata only. Every file is then fetched from the store when it is
     /// first read, so the filesystem is usable at once, but reads need the store.

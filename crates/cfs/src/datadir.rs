@@ -186,6 +186,8 @@ pub struct TierConfig {
     pub s3_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_checksum: Option<cfs_tier::S3Checksum>,
 }
 
 impl TierConfig {
@@ -213,6 +215,7 @@ impl TierConfig {
         let opts = cfs_tier::S3Options {
             endpoint: self.s3_endpoint.clone(),
             region: self.s3_region.clone(),
+            checksum: self.s3_checksum,
             ..cfs_tier::S3Options::default()
         };
         if matches!(parsed, cfs_tier::StoreUrl::S3 { .. }) {

@@ -281,6 +281,7 @@ fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> 
         url: url.clone(),
         s3_endpoint: args.s3_endpoint.clone(),
         s3_region: args.s3_region.clone(),
+        s3_checksum: args.s3_checksum,
     });
     if let Some(bound) = TierConfig::load(dir)? {
         if let Some(asked) = &asked
@@ -294,11 +295,13 @@ fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> 
                 asked.url
             );
         }
-        // Endpoint and region may move (a server on a new address); the bucket may not.
+        // Endpoint, region and checksum may change (a server on a new address); the bucket
+        // may not.
         let mut cfg = bound;
         if let Some(asked) = asked {
             cfg.s3_endpoint = asked.s3_endpoint.or(cfg.s3_endpoint);
             cfg.s3_region = asked.s3_region.or(cfg.s3_region);
+            cfg.s3_checksum = asked.s3_checksum.or(cfg.s3_checksum);
         }
         return Ok(cfg);
     }
@@ -312,6 +315,7 @@ fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> 
                 url: format!("file://{}", objects.display()),
                 s3_endpoint: None,
                 s3_region: None,
+                s3_checksum: None,
             }
         }
     };
@@ -413,6 +417,9 @@ fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Res
         if let Some(v) = value {
             cmd.arg(flag).arg(v);
         }
+    }
+    if let Some(c) = args.s3_checksum {
+        cmd.arg("--s3-checksum").arg(c.to_string());
     }
     for (flag, on) in [
         ("--no-passthrough", args.no_passthrough),

@@ -57,6 +57,7 @@ pub fn run(args: RepairArgs) -> Result<()> {
         url: args.from_s3.clone(),
         s3_endpoint: args.s3_endpoint.clone(),
         s3_region: args.s3_region.clone(),
+        s3_checksum: args.s3_checksum,
     };
     let url: cfs_tier::StoreUrl = cfg
         .url

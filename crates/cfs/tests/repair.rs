@@ -488,8 +488,17 @@ fn repair_from_an_s3_server_after_a_crash() {
             // an hour away, so everything below reaches the bucket through the log alone.
             "--checkpoint-interval",
             "3600",
+            // Not the default, so the uploads below also prove the signed mode, and repair
+            // (with the default) reads what it wrote.
+            "--s3-checksum",
+            "signed",
         ],
     );
+    let bound: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.path().join("data/tier.json")).expect("tier.json"),
+    )
+    .expect("tier.json is JSON");
+    assert_eq!(bound["s3_checksum"], "signed", "{bound:#}");
     wait_for(&m, "the first checkpoint", |s| {
         u(&s["uploads"]["checkpoints_published"]) == 1
     });

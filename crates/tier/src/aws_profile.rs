@@ -834,6 +834,7 @@ mod tests {
             access_key_id: Some("FLAGKEY".into()),
             secret_access_key: Some("FLAGSECRET".into()),
             allow_http: None,
+            checksum: None,
         };
         let s = home.resolve(&opts).expect("resolve");
         // No token: the environment's token belongs to the environment's keys.
@@ -861,6 +862,7 @@ mod tests {
             access_key_id: Some("k".into()),
             secret_access_key: Some("s".into()),
             allow_http: Some(false),
+            checksum: None,
         };
         let s = home.resolve(&opts).expect("files untouched");
         assert_eq!(s.allow_http, Some(false));

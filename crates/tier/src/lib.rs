@@ -38,7 +38,7 @@ pub use faulty::{FaultStats, Faults, FaultyStore};
 pub use key::{BLOB_SIZE, BlobKey, FsId, Ino, ObjectKey, blob_count, blob_index, blob_range};
 pub use retry::{RETRIES, RetryPolicy, retry};
 pub use rng::SplitMix64;
-pub use store_url::{S3Options, StoreUrl};
+pub use store_url::{S3Checksum, S3Options, StoreUrl};
 
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cfs_tier::conformance::conformance;
-use cfs_tier::{BlobStore, RetryPolicy, S3Options, StoreUrl};
+use cfs_tier::{BlobStore, RetryPolicy, S3Checksum, S3Options, StoreUrl};
 
 const ACCESS_KEY: &str = "cfs-test-access";
 const SECRET_KEY: &str = "cfs-test-secret-key";
@@ -68,14 +68,19 @@ impl Server {
         }
     }
 
-    fn store(&self) -> BlobStore {
-        let url: StoreUrl = format!("s3://{BUCKET}/runs").parse().expect("url");
+    /// A store under its own prefix per upload checksum mode, so the modes' runs do not
+    /// meet.
+    fn store(&self, checksum: S3Checksum) -> BlobStore {
+        let url: StoreUrl = format!("s3://{BUCKET}/runs-{checksum}")
+            .parse()
+            .expect("url");
         let opts = S3Options {
             endpoint: Some(format!("http://{}", self.addr)),
             region: Some("us-east-1".into()),
             access_key_id: Some(ACCESS_KEY.into()),
             secret_access_key: Some(SECRET_KEY.into()),
             allow_http: None,
+            checksum: Some(checksum),
         };
         url.open(&opts)
             .expect("open s3 store")
@@ -202,13 +207,18 @@ fn logged_requests(log: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_s3s_fs() {
     let server = start_s3s_fs();
-    conformance(&server.store()).await;
+    // s3s checks the x-amz-checksum-crc64nvme header against the body, as AWS does; every
+    // mode a user can choose must store and read back.
+    for checksum in [S3Checksum::Crc64nvme, S3Checksum::Signed, S3Checksum::None] {
+        eprintln!("s3s-fs, upload checksum {checksum}");
+        conformance(&server.store(checksum)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_moto() {
     let server = start_moto();
-    conformance(&server.store()).await;
+    conformance(&server.store(S3Checksum::default())).await;
 
     // On the wire, the tier must have used nothing but GET, PUT and DELETE of single
     // objects: no LIST, no HEAD, no multipart, no bulk-delete POST.
