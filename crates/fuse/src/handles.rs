@@ -29,6 +29,26 @@ pub struct Handle {
     /// ([`NO_DURABLE_SIZE`] before one): a later `fdatasync` at that same size needs no
     /// metadata commit, since only the size is needed to read the data back.
     pub durable_size: AtomicU64,
+    /// For a handle opened by a create: the size and mtime that metadata recorded for the new
+    /// file, which its backing file was given. A release that finds the backing file still so
+    /// has nothing to record and skips the metadata read (see `ClaudeFs::record_release`).
+    pub created: Option<Recorded>,
+}
+
+/// A file's size and mtime as metadata recorded them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    pub size: u64,
+    pub mtime: (i64, i64),
+}
+
+impl Recorded {
+    /// True if the open backing file `file` still has this size and mtime.
+    pub fn unchanged(&self, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        file.metadata()
+            .is_ok_and(|md| md.len() == self.size && (md.mtime(), md.mtime_nsec()) == self.mtime)
+    }
 }
 
 /// [`Handle::durable_size`] before the handle's first `fsync`.
@@ -166,5 +186,43 @@ impl Handles {
         let id = Arc::new(register()?);
         *entry = Arc::downgrade(&id);
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recorded;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    fn recorded(file: &std::fs::File) -> Recorded {
+        let md = file.metadata().expect("fstat");
+        Recorded {
+            size: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+        }
+    }
+
+    #[test]
+    fn a_created_file_is_unchanged_until_written_or_truncated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = std::fs::File::create_new(dir.path().join("f")).expect("create");
+        let r = recorded(&file);
+        assert!(r.unchanged(&file));
+        // A write moves the mtime even when it does not move the size.
+        file.write_all_at(b"x", 0).expect("write");
+        assert!(!r.unchanged(&file));
+        let r = recorded(&file);
+        file.set_len(0).expect("truncate");
+        assert!(!r.unchanged(&file));
+    }
+
+    #[test]
+    fn another_mtime_at_the_same_size_is_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = std::fs::File::create_new(dir.path().join("f")).expect("create");
+        let mut r = recorded(&file);
+        assert!(r.unchanged(&file));
+        r.mtime.1 = (r.mtime.1 + 1) % 1_000_000_000;
+        assert!(!r.unchanged(&file));
     }
 }

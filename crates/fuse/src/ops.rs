@@ -149,9 +149,18 @@ impl ClaudeFs {
     /// included, which the daemon never saw) did to the file's size, times and upload mark.
     /// At RELEASE, and at unmount for handles whose RELEASE the kernel dropped.
     fn record_release(&self, h: &crate::handles::Handle) -> FsResult<()> {
-        if h.writable {
-            self.sync_data_attr(h.ino, h.written.load(Ordering::Relaxed))?;
+        if !h.writable {
+            return Ok(());
         }
+        let written = h.written.load(Ordering::Relaxed);
+        // A file created and closed untouched (`touch`, `tar` of an empty member, a lock
+        // file): one fstat instead of a metadata read, which on two cores contended with the
+        // next create for the store's lock. Any write, truncation or utimes since the create
+        // changed the size or the mtime, and takes the full path.
+        if !written && h.created.is_some_and(|r| r.unchanged(&h.file)) {
+            return Ok(());
+        }
+        self.sync_data_attr(h.ino, written)?;
         Ok(())
     }
 
@@ -165,17 +174,19 @@ impl ClaudeFs {
         }
     }
 
+    /// Opens a handle on `ino`: on `created`, the inode a create just made and its new
+    /// backing file; otherwise the backing file is opened here.
     fn open_file(
         &self,
         ino: u64,
         flags: i32,
-        file: Option<std::fs::File>,
+        created: Option<(&Inode, std::fs::File)>,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
     ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
         // Counted as a user before looking at the blobs' state: eviction either ran before
         // (and this open sees the evicted blobs) or waits for the release.
         self.live.handles.using(ino);
-        let r = self.open_counted(ino, flags, file, register);
+        let r = self.open_counted(ino, flags, created, register);
         if r.is_err() {
             self.live.handles.done_with(ino, false);
         }
@@ -186,12 +197,18 @@ impl ClaudeFs {
         &self,
         ino: u64,
         flags: i32,
-        file: Option<std::fs::File>,
+        created: Option<(&Inode, std::fs::File)>,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
     ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
-        let file = match file {
-            Some(f) => f,
-            None => self.flash.open_or_create(ino)?,
+        let (file, created) = match created {
+            Some((inode, f)) => (
+                f,
+                Some(crate::handles::Recorded {
+                    size: inode.size,
+                    mtime: (inode.mtime.secs, i64::from(inode.mtime.nanos)),
+                }),
+            ),
+            None => (self.flash.open_or_create(ino)?, None),
         };
         // A file with blobs off flash is served by the daemon, which fetches them on first
         // access; its next open after they are all back gets passthrough again.
@@ -230,6 +247,7 @@ impl ClaudeFs {
             next_read: Default::default(),
             prefetched: Default::default(),
             durable_size: AtomicU64::new(crate::handles::NO_DURABLE_SIZE),
+            created,
         });
         Ok((fh, backing))
     }
@@ -1177,7 +1195,9 @@ impl Filesystem for ClaudeFs {
                 },
             )
             .and_then(|(inode, file)| {
-                let (fh, id) = self.open_file(inode.ino, flags, file, |f| reply.open_backing(f))?;
+                let created = file.map(|f| (&inode, f));
+                let (fh, id) =
+                    self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
                 Ok((inode, fh, id))
             })
         });
