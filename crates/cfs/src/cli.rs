@@ -71,13 +71,15 @@ pub struct MountArgs {
     pub allow_other: bool,
 
     /// How long the kernel may cache attributes, in seconds. On one node every change goes
-    /// through this kernel, which keeps its cache coherent, so a long TTL is safe and saves a
-    /// round trip per stat.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    /// through this kernel, which keeps its cache coherent, and the daemon invalidates what
+    /// it changes on its own (blocks evicted or brought back, set-id bits cleared), so a long
+    /// TTL is safe and saves a round trip per stat of anything not touched for a while.
+    #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
     pub attr_ttl: f64,
 
-    /// How long the kernel may cache directory entries (and misses), in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    /// How long the kernel may cache directory entries (and misses), in seconds. Each expiry
+    /// costs a LOOKUP round trip per path component on the next access.
+    #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
     pub entry_ttl: f64,
 
     /// FUSE worker threads.

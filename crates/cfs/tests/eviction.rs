@@ -136,6 +136,60 @@ fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
     m.unmount();
 }
 
+/// The kernel keeps attributes for the attribute TTL (an hour by default), so the daemon must
+/// tell it when eviction changes a file's block count: `du` of a file pushed out of flash
+/// shows it gone at once, with no cache dropped.
+#[test]
+fn eviction_shows_in_the_block_count_the_kernel_caches() {
+    use std::os::unix::fs::MetadataExt;
+    let root = scratch("evict-blocks");
+    let (_store, url) = file_store(root.path());
+    let mut m = Mount::start(
+        root.path(),
+        &[
+            "--object-store",
+            &url,
+            "--flash-capacity",
+            "160M",
+            "--high-watermark",
+            "80",
+            "--low-watermark",
+            "50",
+        ],
+    );
+    let cold = m.path("cold");
+    write_synced(&cold, &noise(11, 64 * MIB));
+    wait_status(&m, 120, "the first file uploaded", |s| {
+        u(&s["tier"]["files_dirty"]) == 0
+    });
+    // Fetched now, and cached by the kernel from here on.
+    let before = std::fs::metadata(&cold).expect("stat").blocks() * 512;
+    assert!(before >= 64 * MIB as u64, "{before} bytes allocated");
+    // A second file takes flash over the high watermark: the first, colder one leaves it.
+    write_synced(&m.path("hot"), &noise(12, 72 * MIB));
+    wait_status(&m, 120, "a blob evicted", |s| {
+        u(&s["blobs"]["evicted"]) >= 1
+    });
+    // Metadata marks a blob evicted just before its hole is punched. Without the daemon's
+    // invalidation the kernel went on showing the old count for 24 s here, and could for up
+    // to the TTL.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = std::fs::metadata(&cold).expect("stat").blocks() * 512;
+        if now < MIB as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stat still shows {now} bytes allocated after eviction: {:#}\n{}",
+            status(&m),
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    m.unmount();
+}
+
 #[test]
 fn evicted_file_reads_writes_and_truncates_like_any_other() {
     let root = scratch("evict-rw");

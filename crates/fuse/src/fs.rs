@@ -103,8 +103,15 @@ pub struct Live {
 impl Live {
     /// Runs `f` if no handle of `ino` is open (and no truncation of it is running), keeping
     /// new opens of it waiting meanwhile; false if it is in use.
+    /// The kernel's cached attributes of `ino` are dropped after `f` ran: the evictor punches
+    /// blobs out there, which changes the block count the kernel would otherwise show for as
+    /// long as the attribute TTL.
     pub fn while_closed(&self, ino: u64, f: &mut dyn FnMut()) -> bool {
-        self.handles.while_unused(ino, f)
+        let ran = self.handles.while_unused(ino, f);
+        if ran {
+            self.invalidate_attrs(ino);
+        }
+        ran
     }
 
     /// Whether a handle of `ino` is open (or a truncation of it is running).
@@ -122,8 +129,10 @@ impl Live {
         let _ = self.notifier.set(notifier);
     }
 
-    /// Drops the kernel's cached attributes of `ino`, after the daemon changed them in a
-    /// request whose reply carries none (a write that cleared set-id bits).
+    /// Drops the kernel's cached attributes of `ino`, after the daemon changed them on its
+    /// own or in a request whose reply carries none (a write that cleared set-id bits, a
+    /// blob evicted or brought back, which changes the block count). The attribute TTL is
+    /// long, so every such change must come through here.
     pub(crate) fn invalidate_attrs(&self, ino: u64) {
         if let Some(n) = self.notifier.get()
             // A negative offset: the attributes only, no page cache.
@@ -311,15 +320,22 @@ impl ClaudeFs {
         let size = DataAttr::read(&self.flash, ino).map_or(0, |d| d.size);
         let first = range.start / BLOB_SIZE;
         let last = (range.end - 1) / BLOB_SIZE;
+        let mut hydrated = false;
+        let mut result = Ok(());
         for (k, _) in evicted {
             if (first..=last).contains(&k) && k * BLOB_SIZE < size {
-                tier.hydrate(ino, k).map_err(|e| {
+                if let Err(e) = tier.hydrate(ino, k) {
                     tracing::warn!(ino, k, error = %e, "cannot bring a blob back from the object store");
-                    crate::FsError::Errno(fuser::Errno::EIO)
-                })?;
+                    result = Err(crate::FsError::Errno(fuser::Errno::EIO));
+                    break;
+                }
+                hydrated = true;
             }
         }
-        Ok(())
+        if hydrated {
+            self.live.invalidate_attrs(ino);
+        }
+        result
     }
 
     /// Waits for room on flash before new data is written (see [`TierHooks::admit_write`]).

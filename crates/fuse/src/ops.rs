@@ -930,6 +930,8 @@ impl Filesystem for ClaudeFs {
             // open may change the file where the daemon cannot see it.
             if h.cold {
                 self.forget_fetched(h.ino);
+                // Blobs prefetched for this reader came back to flash in the background.
+                self.live.invalidate_attrs(h.ino);
             }
             self.live.handles.done_with(h.ino, h.backing.is_none());
         }
