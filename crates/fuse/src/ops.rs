@@ -963,8 +963,11 @@ impl Filesystem for ClaudeFs {
             // The data and the metadata that records it are made durable side by side, so
             // the caller waits for one device flush, not two in a row. Their order does not
             // matter: until this returns nothing is promised, and after a crash recovery
-            // takes sizes and times from the backing files.
-            let (data, meta) = sync_beside(&h.file, datasync, || self.meta.sync());
+            // takes sizes and times from the backing files. For the same reason the size and
+            // times just recorded need not be durable: only the namespace does (the file's
+            // creation, a chmod, an xattr), and when none of it is pending, a database's
+            // fsyncs of its own files cost the data's flush alone.
+            let (data, meta) = sync_beside(&h.file, datasync, || self.meta.sync_namespace());
             data?;
             meta?;
             h.durable_size.store(size, Ordering::Relaxed);
@@ -1049,7 +1052,13 @@ impl Filesystem for ClaudeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, "fsyncdir", self.meta.sync().map_err(Into::into));
+        // A directory's entries are namespace; what else is pending is bookkeeping that
+        // recovery rebuilds (see `Op::is_bookkeeping`).
+        Self::empty(
+            reply,
+            "fsyncdir",
+            self.meta.sync_namespace().map_err(Into::into),
+        );
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

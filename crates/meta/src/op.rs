@@ -145,6 +145,27 @@ pub enum Op {
     Hydrated { ino: Ino, k: u64, generation: u64 },
 }
 
+impl Op {
+    /// True for an operation that only records what flash or the object store already hold:
+    /// a backing file's size and times, the upload queue, uploaded, deleted, evicted or
+    /// fetched blobs, an orphan purged. A crash that loses one is repaired without loss:
+    /// recovery re-reads sizes and times from the backing files and queues changed files
+    /// for upload, and orphans are purged at the next mount. An `fsync` therefore need not
+    /// wait for these to be durable (see [`crate::MetaStore::sync_namespace`]).
+    pub fn is_bookkeeping(&self) -> bool {
+        matches!(
+            self,
+            Op::SyncData { .. }
+                | Op::MarkDirty { .. }
+                | Op::CommitBlobs { .. }
+                | Op::BlobsDeleted { .. }
+                | Op::Evict { .. }
+                | Op::Hydrated { .. }
+                | Op::Purge { .. }
+        )
+    }
+}
+
 /// One uploaded blob: index `k` of the file, at `generation`, with its length and checksum.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct BlobRecord {

@@ -23,6 +23,9 @@ pub struct MetaStore {
     next_ino: AtomicU64,
     /// Number of commits so far; `durable` is the value it had at the last durable commit.
     pub(crate) committed: AtomicU64,
+    /// The value `committed` took at the last commit with an operation that is not
+    /// bookkeeping (see [`Op::is_bookkeeping`]).
+    namespace_committed: AtomicU64,
     /// Number of those that changed the filesystem (not the log's own bookkeeping).
     pub(crate) changes: AtomicU64,
     durable: AtomicU64,
@@ -185,6 +188,7 @@ impl MetaStore {
                 fs_id,
                 next_ino: AtomicU64::new(next_ino),
                 committed: AtomicU64::new(0),
+                namespace_committed: AtomicU64::new(0),
                 changes: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
                 applied_seq: AtomicU64::new(seq),
@@ -263,7 +267,11 @@ impl MetaStore {
                 return Err(e);
             }
         };
-        self.committed.fetch_add(1, Ordering::Release);
+        let commit = self.committed.fetch_add(1, Ordering::Release) + 1;
+        if ops.iter().any(|op| !op.is_bookkeeping()) {
+            self.namespace_committed
+                .fetch_max(commit, Ordering::Release);
+        }
         self.changes.fetch_add(ops.len() as u64, Ordering::Release);
         if let Some(seq) = last {
             self.applied_seq.fetch_max(seq, Ordering::Release);
@@ -363,7 +371,19 @@ impl MetaStore {
         Ok(())
     }
 
-    /// True if some commit is not yet durable.
+    /// Makes durable every operation applied before this call that is not bookkeeping (see
+    /// [`Op::is_bookkeeping`]): what an `fsync` owes beyond the file's data, which the
+    /// caller syncs itself. When only bookkeeping is pending, as between the `fsync`s of a
+    /// database rewriting its own files, this costs nothing, where [`MetaStore::sync`] would
+    /// cost a second device flush beside the data's.
+    pub fn sync_namespace(&self) -> Result<()> {
+        if self.durable.load(Ordering::Acquire) >= self.namespace_committed.load(Ordering::Acquire)
+        {
+            return Ok(());
+        }
+        self.sync()
+    }
+
     /// Registers the data that durable commits must wait for (see [`DataBarrier`]).
     pub fn set_data_barrier(&self, barrier: std::sync::Arc<dyn DataBarrier>) {
         *self.barrier.write() = Some(barrier);
@@ -376,6 +396,7 @@ impl MetaStore {
         self.gate.read()
     }
 
+    /// True if some commit is not yet durable.
     pub fn has_unsynced(&self) -> bool {
         self.durable.load(Ordering::Acquire) < self.committed.load(Ordering::Acquire)
     }

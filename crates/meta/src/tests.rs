@@ -2836,3 +2836,38 @@ fn operations_between_commits_are_seen_and_survive_a_failed_batch() {
     assert_eq!(names(&s, ROOT_INO).len(), 601);
     assert_eq!(sorted_names(&s, d.ino), ["f", "h"]);
 }
+
+#[test]
+fn sync_namespace_waits_for_the_namespace_and_not_for_bookkeeping() {
+    let (_d, s) = store();
+    let f = create(&s, ROOT_INO, "db", FileKind::File).expect("create");
+    // The create is namespace: it must be made durable.
+    assert!(s.has_unsynced());
+    s.sync_namespace().expect("sync");
+    assert!(!s.has_unsynced());
+    // What a backing file already holds is not: it stays pending.
+    s.execute(&Op::SyncData {
+        ino: f.ino,
+        size: 4096,
+        atime: ts(5),
+        mtime: ts(5),
+        ctime: ts(5),
+    })
+    .expect("sync data");
+    s.execute(&Op::MarkDirty { ino: f.ino })
+        .expect("mark dirty");
+    s.sync_namespace().expect("sync");
+    assert!(s.has_unsynced(), "bookkeeping alone was made durable");
+    // A chmod is namespace again, and takes the pending bookkeeping with it.
+    chmod(&s, f.ino, 0o600);
+    s.sync_namespace().expect("sync");
+    assert!(!s.has_unsynced());
+    // Bookkeeping in one batch with a namespace operation counts as namespace.
+    s.execute_batch(&[
+        Op::MarkDirty { ino: f.ino },
+        create_op(ROOT_INO, "journal", s.alloc_ino(), FileKind::File),
+    ])
+    .expect("batch");
+    s.sync_namespace().expect("sync");
+    assert!(!s.has_unsynced());
+}
