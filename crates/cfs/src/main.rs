@@ -5,6 +5,7 @@ mod cli;
 mod control;
 mod datadir;
 mod fsck;
+mod host;
 mod mount;
 mod mounts;
 mod repair;

@@ -170,6 +170,9 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
     live.set_notifier(session.notifier());
     tracing::info!(mountpoint = %mountpoint.display(), data_dir = %data_dir.display(), "mounted");
+    if let Some(hint) = crate::host::slow_wakeups(Path::new("/sys")) {
+        tracing::info!("{hint}");
+    }
     crate::control::serve(
         &dir.socket_path(),
         live,
