@@ -62,24 +62,30 @@ fn mount_with_file_store(root: &Path) -> (Mount, PathBuf) {
     (Mount::start(root, &["--object-store", &url]), store)
 }
 
-#[test]
-fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
-    let root = scratch("evict-tree");
-    let (_store, url) = file_store(root.path());
-    // 420 MiB of data through 192 MiB of flash.
-    let mut m = Mount::start(
-        root.path(),
+/// A mount over a fresh directory object store with `capacity` of flash, evicting from 80%
+/// down to 50% of it.
+fn mount_with_small_flash(root: &Path, capacity: &str) -> Mount {
+    let (_store, url) = file_store(root);
+    Mount::start(
+        root,
         &[
             "--object-store",
             &url,
             "--flash-capacity",
-            "192M",
+            capacity,
             "--high-watermark",
             "80",
             "--low-watermark",
             "50",
         ],
-    );
+    )
+}
+
+#[test]
+fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
+    let root = scratch("evict-tree");
+    // 420 MiB of data through 192 MiB of flash.
+    let mut m = mount_with_small_flash(root.path(), "192M");
     let mut files: Vec<(PathBuf, String)> = Vec::new();
     std::fs::create_dir(m.path("tree")).expect("mkdir");
     for i in 0..8u64 {
@@ -143,20 +149,7 @@ fn tree_larger_than_flash_capacity_is_evicted_and_read_back() {
 fn eviction_shows_in_the_block_count_the_kernel_caches() {
     use std::os::unix::fs::MetadataExt;
     let root = scratch("evict-blocks");
-    let (_store, url) = file_store(root.path());
-    let mut m = Mount::start(
-        root.path(),
-        &[
-            "--object-store",
-            &url,
-            "--flash-capacity",
-            "160M",
-            "--high-watermark",
-            "80",
-            "--low-watermark",
-            "50",
-        ],
-    );
+    let mut m = mount_with_small_flash(root.path(), "160M");
     let cold = m.path("cold");
     write_synced(&cold, &noise(11, 64 * MIB));
     wait_status(&m, 120, "the first file uploaded", |s| {

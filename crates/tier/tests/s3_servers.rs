@@ -330,21 +330,20 @@ fn logged_requests(log: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_s3s_fs() {
-    let server = start_s3s_fs();
-    // s3s checks the x-amz-checksum-crc64nvme header against the body, as AWS does; every
-    // mode a user can choose must store and read back.
-    for checksum in [S3Checksum::Crc64nvme, S3Checksum::Signed, S3Checksum::None] {
-        eprintln!("s3s-fs, upload checksum {checksum}");
-        conformance(&server.store(checksum)).await;
-    }
+    // s3s checks the x-amz-checksum-crc64nvme header against the body, as AWS does.
+    conformance_in_every_checksum_mode(&start_s3s_fs()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_seaweedfs() {
-    let server = start_seaweedfs();
     // SeaweedFS checks the x-amz-checksum-crc64nvme header too (a wrong one is BadDigest).
+    conformance_in_every_checksum_mode(&start_seaweedfs()).await;
+}
+
+/// Every upload checksum mode a user can choose must store and read back.
+async fn conformance_in_every_checksum_mode(server: &Server) {
     for checksum in [S3Checksum::Crc64nvme, S3Checksum::Signed, S3Checksum::None] {
-        eprintln!("seaweedfs, upload checksum {checksum}");
+        eprintln!("{}, upload checksum {checksum}", server.name);
         conformance(&server.store(checksum)).await;
     }
 }
