@@ -50,6 +50,11 @@ impl OpenFiles for LiveFiles {
     fn is_open(&self, ino: u64) -> bool {
         self.0.get().is_some_and(|live| live.is_open(ino))
     }
+    fn blocks_changed(&self, ino: u64) {
+        if let Some(live) = self.0.get() {
+            live.invalidate_attrs(ino);
+        }
+    }
 }
 
 /// What the FUSE layer calls.

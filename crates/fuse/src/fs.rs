@@ -103,15 +103,8 @@ pub struct Live {
 impl Live {
     /// Runs `f` if no handle of `ino` is open (and no truncation of it is running), keeping
     /// new opens of it waiting meanwhile; false if it is in use.
-    /// The kernel's cached attributes of `ino` are dropped after `f` ran: the evictor punches
-    /// blobs out there, which changes the block count the kernel would otherwise show for as
-    /// long as the attribute TTL.
     pub fn while_closed(&self, ino: u64, f: &mut dyn FnMut()) -> bool {
-        let ran = self.handles.while_unused(ino, f);
-        if ran {
-            self.invalidate_attrs(ino);
-        }
-        ran
+        self.handles.while_unused(ino, f)
     }
 
     /// Whether a handle of `ino` is open (or a truncation of it is running).
@@ -133,7 +126,7 @@ impl Live {
     /// own or in a request whose reply carries none (a write that cleared set-id bits, a
     /// blob evicted or brought back, which changes the block count). The attribute TTL is
     /// long, so every such change must come through here.
-    pub(crate) fn invalidate_attrs(&self, ino: u64) {
+    pub fn invalidate_attrs(&self, ino: u64) {
         if let Some(n) = self.notifier.get()
             // A negative offset: the attributes only, no page cache.
             && let Err(e) = n.inval_inode(fuser::INodeNo(ino), -1, 0)

@@ -43,11 +43,19 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    /// What metadata recorded for `inode`.
+    pub fn of(inode: &cfs_meta::Inode) -> Recorded {
+        Recorded {
+            size: inode.size,
+            mtime: (inode.mtime.secs, i64::from(inode.mtime.nanos)),
+        }
+    }
+
     /// True if the open backing file `file` still has this size and mtime.
     pub fn unchanged(&self, file: &File) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        file.metadata()
-            .is_ok_and(|md| md.len() == self.size && (md.mtime(), md.mtime_nsec()) == self.mtime)
+        file.metadata().is_ok_and(|md| {
+            md.len() == self.size && cfs_flash::FileTimes::of(&md).mtime == self.mtime
+        })
     }
 }
 
@@ -192,13 +200,13 @@ impl Handles {
 #[cfg(test)]
 mod tests {
     use super::Recorded;
-    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::os::unix::fs::FileExt;
 
     fn recorded(file: &std::fs::File) -> Recorded {
         let md = file.metadata().expect("fstat");
         Recorded {
             size: md.len(),
-            mtime: (md.mtime(), md.mtime_nsec()),
+            mtime: cfs_flash::FileTimes::of(&md).mtime,
         }
     }
 

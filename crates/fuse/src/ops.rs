@@ -201,13 +201,7 @@ impl ClaudeFs {
         register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
     ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
         let (file, created) = match created {
-            Some((inode, f)) => (
-                f,
-                Some(crate::handles::Recorded {
-                    size: inode.size,
-                    mtime: (inode.mtime.secs, i64::from(inode.mtime.nanos)),
-                }),
-            ),
+            Some((inode, f)) => (f, Some(crate::handles::Recorded::of(inode))),
             None => (self.flash.open_or_create(ino)?, None),
         };
         // A file with blobs off flash is served by the daemon, which fetches them on first

@@ -27,6 +27,9 @@ pub trait OpenFiles: Send + Sync {
     fn last_used(&self, ino: Ino) -> Option<Instant>;
     /// Whether a handle of `ino` is open (or a truncation of it is running).
     fn is_open(&self, ino: Ino) -> bool;
+    /// Blobs of `ino` were punched out of flash: its block count changed behind the kernel,
+    /// which caches attributes for the attribute TTL.
+    fn blocks_changed(&self, _ino: Ino) {}
 }
 
 /// The flash budget.
@@ -335,6 +338,7 @@ impl Evictor {
             tracing::warn!(ino, error = %e, "eviction failed");
         }
         if ran && evicted > 0 {
+            self.open.blocks_changed(ino);
             self.stats
                 .blobs_evicted
                 .fetch_add(evicted, Ordering::Relaxed);

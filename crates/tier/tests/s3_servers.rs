@@ -201,15 +201,17 @@ fn start_seaweedfs() -> Server {
     std::fs::write(base.join("s3.json"), identity.to_string()).expect("write s3 config");
     // Master, volume server, filer and S3 gateway in one process, each with an HTTP and a
     // gRPC port, on loopback only and with telemetry off.
-    let ports: Vec<u16> = {
-        let held: Vec<TcpListener> = (0..8)
-            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a port"))
-            .collect();
-        held.iter()
-            .map(|l| l.local_addr().expect("local addr").port())
-            .collect()
-    };
-    let p = |i: usize| ports[i].to_string();
+    const PARTS: [&str; 4] = ["master", "volume", "filer", "s3"];
+    let held: Vec<(TcpListener, TcpListener)> = PARTS
+        .iter()
+        .map(|_| {
+            let bind = || TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a port");
+            (bind(), bind())
+        })
+        .collect();
+    let port = |l: &TcpListener| l.local_addr().expect("local addr").port();
+    let ports: Vec<(u16, u16)> = held.iter().map(|(h, g)| (port(h), port(g))).collect();
+    drop(held);
     let path = |rel: &str| base.join(rel).display().to_string();
     let mut cmd = Command::new(bin);
     cmd.current_dir(base)
@@ -221,45 +223,28 @@ fn start_seaweedfs() -> Server {
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             "-master.telemetry=false",
-        ])
-        .args([
-            format!("-master.port={}", p(0)),
-            format!("-master.port.grpc={}", p(1)),
-        ])
-        .args([
             "-master.volumeSizeLimitMB=64",
             "-volume.max=20",
             "-volume.preStopSeconds=0",
-        ])
-        .args([
-            format!("-volume.port={}", p(2)),
-            format!("-volume.port.grpc={}", p(3)),
-        ])
-        .arg("-filer")
-        .args([
-            format!("-filer.port={}", p(4)),
-            format!("-filer.port.grpc={}", p(5)),
+            "-filer",
+            "-s3",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
         ])
         .arg(format!("-filer.localSocket={}", path("filer.sock")))
-        .arg("-s3")
-        .args([
-            format!("-s3.port={}", p(6)),
-            format!("-s3.port.grpc={}", p(7)),
-        ])
         .arg(format!("-s3.localSocket={}", path("s3.sock")))
-        .arg(format!("-s3.config={}", path("s3.json")))
-        .args(["-s3.port.iceberg=0", "-s3.port.lance=0"]);
-    let mut server = spawn(
-        "seaweedfs",
-        cmd,
-        (Ipv4Addr::LOCALHOST, ports[6]).into(),
-        dir,
-    );
+        .arg(format!("-s3.config={}", path("s3.json")));
+    for (part, (http, grpc)) in PARTS.iter().zip(&ports) {
+        cmd.arg(format!("-{part}.port={http}"))
+            .arg(format!("-{part}.port.grpc={grpc}"));
+    }
+    let s3_port = ports[3].0;
+    let mut server = spawn("seaweedfs", cmd, (Ipv4Addr::LOCALHOST, s3_port).into(), dir);
     // SeaweedFS names its gRPC sockets itself, under /tmp.
-    server.leftovers = ["master", "volume", "filer", "s3"]
+    server.leftovers = PARTS
         .iter()
-        .zip([1, 3, 5, 7])
-        .map(|(part, i)| PathBuf::from(format!("/tmp/seaweedfs-{part}-grpc-{}.sock", ports[i])))
+        .zip(&ports)
+        .map(|(part, (_, grpc))| PathBuf::from(format!("/tmp/seaweedfs-{part}-grpc-{grpc}.sock")))
         .collect();
     create_bucket_boto3(&server, BUCKET);
     server
