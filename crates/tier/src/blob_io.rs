@@ -158,16 +158,16 @@ impl BlobIo {
                     // the page cache, so the CPU copies nothing (the kernel first writes
                     // back any dirty pages of the range, so the bytes are the same).
                     if len == crate::BLOB_SIZE as usize
-                        && offset.is_multiple_of(crate::blob_store::DIRECT_ALIGN as u64)
+                        && offset.is_multiple_of(crate::pooled::DIRECT_ALIGN as u64)
                         && let Some(direct) = reopen_direct(&file)
-                        && let Ok(bytes) = crate::blob_store::read_into_pooled(len, |buf| {
+                        && let Ok(bytes) = crate::pooled::read_into_pooled(len, |buf| {
                             read_full(&direct, buf, offset)
                         })
                     {
                         return Ok(bytes);
                     }
                     if len <= crate::BLOB_SIZE as usize {
-                        return crate::blob_store::read_into_pooled(len, |buf| {
+                        return crate::pooled::read_into_pooled(len, |buf| {
                             read_full(&file, buf, offset)
                         });
                     }

@@ -14,13 +14,14 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutOptions, PutPayload};
 
 use crate::error::{Fingerprint, Result, TierError};
-use crate::key::{BLOB_SIZE, ObjectKey, validate_path};
+use crate::key::{ObjectKey, validate_path};
+use crate::pooled::Assembly;
 use crate::retry::{RetryPolicy, retry, retry_while};
 
 /// GET, PUT and DELETE of whole objects under one key prefix of one object store.
@@ -357,7 +358,7 @@ async fn read_body(
         return Ok((body, crc));
     }
     let mut stream = res.into_stream();
-    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut body = Assembly::new(want);
     let mut got: u64 = 0;
     let mut crc = 0u32;
     while let Some(chunk) = stream.next().await {
@@ -374,7 +375,7 @@ async fn read_body(
             });
         }
         crc = crc32c::crc32c_append(crc, &chunk);
-        chunks.push(chunk);
+        body.push(chunk);
     }
     if got != want {
         return Err(TierError::Corrupt {
@@ -386,100 +387,5 @@ async fn read_body(
             },
         });
     }
-    let body = match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => join_chunks(&chunks, want),
-    };
-    Ok((body, crc))
-}
-
-/// Where a blob's bytes start in memory, so that hydration can write them to flash with
-/// `O_DIRECT` (which wants buffer, offset and length aligned to the device's blocks).
-pub const DIRECT_ALIGN: usize = 4096;
-
-/// The chunks of a GET body as one buffer of `want` bytes. A body the size of a whole blob
-/// goes into a pooled buffer, starting at a [`DIRECT_ALIGN`] boundary: a fresh 64 MiB
-/// allocation is a new mapping whose every page the kernel faults in and zeroes, which cost
-/// as much CPU as receiving the bytes.
-fn join_chunks(chunks: &[Bytes], want: u64) -> Bytes {
-    if want > BLOB_SIZE / 2 && want <= BLOB_SIZE {
-        let mut buf = GetBuffer::take();
-        for c in chunks {
-            buf.buf.extend_from_slice(c);
-        }
-        return Bytes::from_owner(buf);
-    }
-    // `want` is what the server announced; cap the up-front reservation anyway.
-    let mut buf = BytesMut::with_capacity(want.min(2 * BLOB_SIZE) as usize);
-    for c in chunks {
-        buf.extend_from_slice(c);
-    }
-    buf.freeze()
-}
-
-/// Idle blob-sized GET buffers, their pages already mapped. Few: the pool only has to bridge
-/// a buffer being dropped (a blob written to flash and read) and the next GET starting.
-static IDLE_BUFFERS: parking_lot::Mutex<Vec<Vec<u8>>> = parking_lot::const_mutex(Vec::new());
-
-/// Most idle buffers kept: what they pin (64 MiB each) stays resident while the mount idles.
-const IDLE_BUFFERS_MAX: usize = 2;
-
-/// Bytes a pooled buffer holds: a blob, and room to start it at an aligned address.
-const GET_BUFFER_CAPACITY: usize = BLOB_SIZE as usize + DIRECT_ALIGN;
-
-/// A blob-sized buffer whose bytes start at `start`, the first [`DIRECT_ALIGN`] boundary
-/// in it (the bytes before are padding); it returns to [`IDLE_BUFFERS`] when the last
-/// `Bytes` of it is dropped. Shared by GETs and by the uploader's reads of blobs off flash,
-/// which faulted in and zeroed a fresh 64 MiB for every blob (a fifth of the daemon's CPU
-/// during a flush).
-struct GetBuffer {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl GetBuffer {
-    fn take() -> GetBuffer {
-        let idle = IDLE_BUFFERS.lock().pop();
-        let mut buf = idle.unwrap_or_else(|| Vec::with_capacity(GET_BUFFER_CAPACITY));
-        // Within the capacity, so the buffer never moves and `start` stays aligned.
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        buf.resize(start, 0);
-        GetBuffer { buf, start }
-    }
-}
-
-/// A pooled buffer of `len` bytes (at most a blob), filled by `fill`, which returns how many
-/// it filled; the result holds just those.
-pub(crate) fn read_into_pooled(
-    len: usize,
-    fill: impl FnOnce(&mut [u8]) -> std::io::Result<usize>,
-) -> std::io::Result<Bytes> {
-    let mut b = GetBuffer::take();
-    let start = b.start;
-    // Zeroing pages already mapped is a memset; a fresh allocation faulted every page in.
-    b.buf.resize(start + len.min(BLOB_SIZE as usize), 0);
-    let filled = fill(&mut b.buf[start..])?;
-    b.buf.truncate(start + filled);
-    Ok(Bytes::from_owner(b))
-}
-
-impl AsRef<[u8]> for GetBuffer {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-impl Drop for GetBuffer {
-    fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
-        if buf.capacity() < GET_BUFFER_CAPACITY {
-            return;
-        }
-        buf.clear();
-        let mut idle = IDLE_BUFFERS.lock();
-        if idle.len() < IDLE_BUFFERS_MAX {
-            idle.push(buf);
-        }
-    }
+    Ok((body.finish(), crc))
 }

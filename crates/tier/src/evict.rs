@@ -179,6 +179,7 @@ impl Evictor {
                 last_sweep = Instant::now();
             }
             self.pass(sweep);
+            crate::pooled::trim_idle();
             let this = Arc::clone(&self);
             runtime.block_on(async move {
                 tokio::select! {

@@ -505,12 +505,12 @@ fn write_blob(
 
 /// Writes `data` at `offset` of `file`, its block-aligned bulk with `O_DIRECT` when the
 /// bytes and the offset are aligned (a blob fetched whole is: see
-/// [`crate::blob_store::DIRECT_ALIGN`]) and the filesystem takes it. A buffered write of a
+/// [`crate::pooled::DIRECT_ALIGN`]) and the filesystem takes it. A buffered write of a
 /// blob copies 64 MiB into freshly allocated page-cache pages, which costs more CPU than
 /// receiving it, and nothing needs those pages: readers are served from the fetched bytes.
 /// The tail, and anything `O_DIRECT` refuses, is written buffered.
 fn write_maybe_direct(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    use crate::blob_store::DIRECT_ALIGN;
+    use crate::pooled::DIRECT_ALIGN;
     use std::os::unix::fs::FileExt;
     let aligned =
         data.as_ptr().align_offset(DIRECT_ALIGN) == 0 && offset.is_multiple_of(DIRECT_ALIGN as u64);
@@ -579,7 +579,7 @@ mod tests {
     /// a tail that is not a whole block, and leave the bytes around them alone.
     #[test]
     fn blob_writes_land_exactly_aligned_or_not() {
-        use crate::blob_store::DIRECT_ALIGN;
+        use crate::pooled::DIRECT_ALIGN;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("backing");
         let mut rng = crate::SplitMix64::new(5);

@@ -23,6 +23,7 @@ mod faulty;
 pub mod hydrate;
 mod key;
 pub mod oplog;
+mod pooled;
 mod retry;
 mod rng;
 mod store_url;
