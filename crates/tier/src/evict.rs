@@ -179,7 +179,6 @@ impl Evictor {
                 last_sweep = Instant::now();
             }
             self.pass(sweep);
-            crate::pooled::trim_idle();
             let this = Arc::clone(&self);
             runtime.block_on(async move {
                 tokio::select! {
