@@ -18,3 +18,18 @@ def cpu_idle():
         poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") or "?"
         return f"{driver}, guest_halt_poll_ns {poll}"
     return driver
+
+
+def journal(device, fstype):
+    """For ext4: whether the filesystem on `device` has a journal (jbd2 lists each journal it
+    runs). Without one, ext4 skips recently freed inodes at every allocation, which makes
+    create-heavy figures depend on what was deleted just before (see scripts/bench, settle).
+    None for other filesystems."""
+    if fstype != "ext4":
+        return None
+    import os
+    name = os.path.basename(device)
+    try:
+        return any(j.startswith(name + "-") for j in os.listdir("/proc/fs/jbd2"))
+    except OSError:
+        return False
