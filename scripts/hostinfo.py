@@ -28,7 +28,8 @@ def journal(device, fstype):
     if fstype != "ext4":
         return None
     import os
-    name = os.path.basename(device)
+    # jbd2 names the kernel's device (dm-0-8), not a /dev/mapper alias of it.
+    name = os.path.basename(os.path.realpath(device))
     try:
         return any(j.startswith(name + "-") for j in os.listdir("/proc/fs/jbd2"))
     except OSError:
