@@ -100,7 +100,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     serve(&args, &data_dir, &mountpoint)
 }
 
-/// Empty backing files kept ready for creates (see `docs/architecture.md`, "Backing files"):
+/// Empty backing files kept ready for creates (see `docs/architecture.md`, "Flash: backing files"):
 /// enough for a burst of a few thousand creates (`tar`, a build) to find one waiting while the
 /// background filler catches up; each costs one inode of the flash filesystem.
 const SPARES_READY: usize = 1024;
