@@ -892,6 +892,79 @@ fn sequential_reads_from_fetched_blobs_see_later_writes() {
     m.unmount();
 }
 
+/// Bytes of the first `len` of `f` that are in the kernel's page cache, page by page from
+/// mincore(2) over a read-only shared mapping, which looks without faulting anything in.
+fn cached_bytes(f: &std::fs::File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a fresh read-only mapping of `len` bytes of an open file, which nothing else
+    // in this process refers to; it is unmapped below, and `vec` has a byte per page.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert!(
+            addr != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let r = libc::mincore(addr, len, vec.as_mut_ptr());
+        let err = std::io::Error::last_os_error();
+        libc::munmap(addr, len);
+        assert!(r == 0, "mincore: {err}");
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count() * page
+}
+
+/// A sequential reader of a cold file does not leave the whole file in the kernel's page
+/// cache: the daemon lets the kernel drop the pages more than a blob behind the reader, so
+/// streaming a file larger than memory keeps other files' pages. The bytes read are right,
+/// and so is a second read, which finds the dropped pages gone.
+#[test]
+fn sequential_read_of_a_cold_file_drops_pages_behind_the_reader() {
+    let root = scratch("evict-drop-behind");
+    let (mut m, _store) = mount_with_file_store(root.path());
+    let blob = 64 * MIB;
+    let want = noise(21, 4 * blob + 5 * MIB);
+    let p = m.path("f");
+    write_synced(&p, &want);
+    set_policy(&p, "s3");
+    wait_status(&m, 120, "the file evicted", |s| {
+        u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 5
+    });
+    drop_caches();
+    let reader = std::fs::File::open(&p).expect("open for reading");
+    let first = read_sequentially(&reader, want.len()).expect("cold sequential read");
+    assert!(first == want, "the cold sequential read differs");
+    // The pages go in the background: wait for them, up to a bound.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut cached = cached_bytes(&reader, want.len());
+    while cached > 2 * blob && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        cached = cached_bytes(&reader, want.len());
+    }
+    assert!(
+        cached <= 2 * blob,
+        "{} MiB of the {} MiB read are still cached; at most two blobs should be\n{}",
+        cached / MIB,
+        want.len() / MIB,
+        m.log_text()
+    );
+    let second = read_sequentially(&reader, want.len()).expect("second read");
+    assert!(
+        second == want,
+        "a read after the pages were dropped differs"
+    );
+    drop(reader);
+    m.unmount();
+}
+
 /// A sequential read of a whole-blob object that fails its checksum gives `EIO`, also now
 /// that sequential reads are served from the fetched bytes, and nothing of it is kept.
 #[test]

@@ -98,6 +98,8 @@ pub struct Live {
     pub(crate) daemon_opens: AtomicU64,
     /// Tells the kernel of changes it did not make itself; set once the session exists.
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Drops cached pages behind sequential readers of cold files; set with the notifier.
+    drop_behind: std::sync::OnceLock<crate::drop_behind::DropBehind>,
 }
 
 impl Live {
@@ -119,7 +121,18 @@ impl Live {
 
     /// Hands over the session's notifier, for changes the daemon makes on its own.
     pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        if let Some(d) = crate::drop_behind::DropBehind::start(notifier.clone()) {
+            let _ = self.drop_behind.set(d);
+        }
         let _ = self.notifier.set(notifier);
+    }
+
+    /// Lets the kernel drop its cached pages of `ino` in `start..end` (bytes), in the
+    /// background (see [`crate::drop_behind`]).
+    pub(crate) fn drop_cached(&self, ino: u64, start: u64, end: u64) {
+        if let Some(d) = self.drop_behind.get() {
+            d.drop_range(ino, start, end);
+        }
     }
 
     /// Drops the kernel's cached attributes of `ino`, after the daemon changed them on its

@@ -25,6 +25,9 @@ pub struct Handle {
     pub next_read: AtomicU64,
     /// The last blob index prefetched for this handle, plus one (0: none).
     pub prefetched: AtomicU64,
+    /// How far (bytes) the kernel was told it may drop this file's cached pages behind a
+    /// sequential reader of this handle.
+    pub dropped: AtomicU64,
     /// The file size that this handle's last `fsync` made durable in metadata
     /// ([`NO_DURABLE_SIZE`] before one): a later `fdatasync` at that same size needs no
     /// metadata commit, since only the size is needed to read the data back.

@@ -4,6 +4,7 @@
 
 mod attr;
 mod caller;
+mod drop_behind;
 mod errno;
 mod fs;
 mod handles;

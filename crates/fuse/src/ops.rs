@@ -240,6 +240,7 @@ impl ClaudeFs {
             cold,
             next_read: Default::default(),
             prefetched: Default::default(),
+            dropped: Default::default(),
             durable_size: AtomicU64::new(crate::handles::NO_DURABLE_SIZE),
             created,
         });
@@ -286,6 +287,9 @@ impl ClaudeFs {
                 tier.prefetch(h.ino, k);
             }
         }
+        if sequential {
+            self.drop_behind(h, offset);
+        }
         // Also for a read that is not sequential but that no ranged GET could serve (its
         // blob is being fetched whole, say, for a sequential reader whose readahead arrived
         // out of order): the fetched bytes are as good as flash.
@@ -294,6 +298,20 @@ impl ClaudeFs {
         }
         self.ensure_present(h.ino, offset..end)?;
         Ok(None)
+    }
+
+    /// Lets the kernel drop the cached pages of a sequential reader's file that lie more
+    /// than a blob behind `offset`, whole blobs at a time (see [`crate::drop_behind`]).
+    fn drop_behind(&self, h: &crate::handles::Handle, offset: u64) {
+        let behind = offset.saturating_sub(crate::BLOB_SIZE) / crate::BLOB_SIZE * crate::BLOB_SIZE;
+        let done = h.dropped.load(Ordering::Relaxed);
+        if behind > done
+            && h.dropped
+                .compare_exchange(done, behind, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.live.drop_cached(h.ino, done, behind);
+        }
     }
 
     /// Bytes `offset..end` of `ino` from its fetched blob, when they lie in one blob that is

@@ -14,8 +14,9 @@
 //! A sequential reader of a file pinned to the object store (`user.cfs.tier=s3`) is served
 //! from the fetched bytes alone: they are not written back to flash, where the policy would
 //! only evict them again, so reading a cold file larger than flash neither fills flash nor
-//! makes eviction run behind the reader. Writes, and random reads that keep coming back to
-//! one blob, still bring it back on flash.
+//! makes eviction run behind the reader (nor fills the kernel's page cache: the FUSE layer
+//! drops a sequential reader's pages behind it, see `cfs_fuse`'s `drop_behind`). Writes, and
+//! random reads that keep coming back to one blob, still bring it back on flash.
 //!
 //! A corrupt or short object is never written: the caller gets an error (`EIO` to the
 //! application), the log says which key, and the `corrupt` counter goes up.
