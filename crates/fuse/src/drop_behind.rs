@@ -15,6 +15,10 @@
 //! page cache grew, and at 700 MB/s when the reader dropped behind itself (`dd
 //! iflag=nocache`).
 //!
+//! The pages are the file's, not the handle's: two readers of one cold file far apart each
+//! fetch what they read, where the one behind could otherwise have found the first one's
+//! pages still cached.
+//!
 //! The kernel takes the notification synchronously, locking each page it drops, so it is
 //! sent from a thread of its own, never from the thread that must answer a read: a page
 //! still locked for a read in flight would otherwise wait for its own reply.
@@ -22,7 +26,7 @@
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 /// Requests waiting for the thread. An optimisation only: when the thread lags this far
-/// behind, a request is dropped, and the next one for the file covers its range.
+/// behind, a request is refused, and the reader's next one asks for its range again.
 const QUEUE: usize = 64;
 
 /// Pages of `ino` in `start..end` (bytes) that the kernel may drop.
@@ -54,15 +58,23 @@ impl DropBehind {
         }
     }
 
-    /// Asks for the cached pages of `ino` in `start..end` to be dropped, without waiting.
-    pub(crate) fn drop_range(&self, ino: u64, start: u64, end: u64) {
+    /// Asks for the cached pages of `ino` in `start..end` to be dropped, without waiting;
+    /// false if the request was refused (the thread is that far behind, or gone).
+    pub(crate) fn drop_range(&self, ino: u64, start: u64, end: u64) -> bool {
         if end <= start {
-            return;
+            return true;
         }
         match self.tx.try_send(Range { ino, start, end }) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
             Err(TrySendError::Full(_)) => {
-                tracing::debug!(ino, start, end, "drop-behind queue full; pages left cached");
+                tracing::debug!(
+                    ino,
+                    start,
+                    end,
+                    "drop-behind queue full; pages left cached for now"
+                );
+                false
             }
         }
     }

@@ -128,11 +128,11 @@ impl Live {
     }
 
     /// Lets the kernel drop its cached pages of `ino` in `start..end` (bytes), in the
-    /// background (see [`crate::drop_behind`]).
-    pub(crate) fn drop_cached(&self, ino: u64, start: u64, end: u64) {
-        if let Some(d) = self.drop_behind.get() {
-            d.drop_range(ino, start, end);
-        }
+    /// background (see [`crate::drop_behind`]); false if that was not asked for.
+    pub(crate) fn drop_cached(&self, ino: u64, start: u64, end: u64) -> bool {
+        self.drop_behind
+            .get()
+            .is_some_and(|d| d.drop_range(ino, start, end))
     }
 
     /// Drops the kernel's cached attributes of `ino`, after the daemon changed them on its

@@ -305,12 +305,17 @@ impl ClaudeFs {
     fn drop_behind(&self, h: &crate::handles::Handle, offset: u64) {
         let behind = offset.saturating_sub(crate::BLOB_SIZE) / crate::BLOB_SIZE * crate::BLOB_SIZE;
         let done = h.dropped.load(Ordering::Relaxed);
+        // Claimed first, so that two reads of the handle do not ask for one range twice;
+        // given back if the request was refused, so that the next read asks again.
         if behind > done
             && h.dropped
                 .compare_exchange(done, behind, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
+            && !self.live.drop_cached(h.ino, done, behind)
         {
-            self.live.drop_cached(h.ino, done, behind);
+            let _ = h
+                .dropped
+                .compare_exchange(behind, done, Ordering::Relaxed, Ordering::Relaxed);
         }
     }
 
