@@ -826,6 +826,23 @@ fn read_sequentially(f: &std::fs::File, len: usize) -> std::io::Result<Vec<u8>> 
     Ok(out)
 }
 
+/// Writes `want` to `p`, pins it to the store and waits until every blob of it is evicted;
+/// then, with the caches dropped, opens it and reads it sequentially, checking the bytes.
+/// Returns that cold handle.
+fn cold_reader(m: &Mount, p: &Path, want: &[u8]) -> std::fs::File {
+    write_synced(p, want);
+    set_policy(p, "s3");
+    let blobs = want.len().div_ceil(64 * MIB) as u64;
+    wait_status(m, 120, "the file evicted", |s| {
+        u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == blobs
+    });
+    drop_caches();
+    let reader = std::fs::File::open(p).expect("open for reading");
+    let first = read_sequentially(&reader, want.len()).expect("cold sequential read");
+    assert!(first == want, "the cold sequential read differs");
+    reader
+}
+
 /// A sequential reader of an evicted file is served from the verified GET bodies the daemon
 /// keeps in memory. Those must never outlive a change to the file: with a reader's handle
 /// still open (so the kept blobs stay), a write into the same region through another
@@ -836,15 +853,7 @@ fn sequential_reads_from_fetched_blobs_see_later_writes() {
     let (mut m, _store) = mount_with_file_store(root.path());
     let mut want = noise(11, 2 * 64 * MIB + 3 * MIB);
     let p = m.path("f");
-    write_synced(&p, &want);
-    set_policy(&p, "s3");
-    wait_status(&m, 120, "the file evicted", |s| {
-        u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 3
-    });
-    drop_caches();
-    let reader = std::fs::File::open(&p).expect("open for reading");
-    let first = read_sequentially(&reader, want.len()).expect("cold sequential read");
-    assert!(first == want, "the cold sequential read differs");
+    let reader = cold_reader(&m, &p, &want);
 
     // The same region, rewritten through a second handle while the reader's stays open.
     {
@@ -933,15 +942,7 @@ fn sequential_read_of_a_cold_file_drops_pages_behind_the_reader() {
     let blob = 64 * MIB;
     let want = noise(21, 4 * blob + 5 * MIB);
     let p = m.path("f");
-    write_synced(&p, &want);
-    set_policy(&p, "s3");
-    wait_status(&m, 120, "the file evicted", |s| {
-        u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 5
-    });
-    drop_caches();
-    let reader = std::fs::File::open(&p).expect("open for reading");
-    let first = read_sequentially(&reader, want.len()).expect("cold sequential read");
-    assert!(first == want, "the cold sequential read differs");
+    let reader = cold_reader(&m, &p, &want);
     // The pages go in the background: wait for them, up to a bound.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut cached = cached_bytes(&reader, want.len());
