@@ -93,6 +93,8 @@ pub struct FsStatus {
 pub struct Live {
     /// Decided at `init`, and turned off for good if the kernel refuses a backing fd.
     pub(crate) passthrough: AtomicBool,
+    /// Set at `init` when the kernel offers zero-message opendir (see `opendir`).
+    pub(crate) no_opendir: AtomicBool,
     pub(crate) handles: Handles,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) daemon_opens: AtomicU64,
