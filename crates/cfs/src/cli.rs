@@ -86,6 +86,17 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub threads: usize,
 
+    /// Microseconds a daemon thread keeps a CPU busy after each FUSE request; 0 (the
+    /// default) is off. The thread runs at nice 19, so it only takes CPU time nothing else
+    /// wants, and it sleeps once requests stop. On a virtual machine whose idle vCPUs halt at
+    /// once (the guest haltpoll cpuidle driver with guest_halt_poll_ns 0; `cfs mount` logs a
+    /// line when it finds one), 1000 lets a single-threaded chain of metadata operations (tar,
+    /// a checkout, a database's commits) run without a hypervisor wake-up per request, at the
+    /// cost of a vCPU's idle time while requests flow. Parallel jobs (make -j) can run slower
+    /// with it: see docs/operations.md.
+    #[arg(long, value_name = "MICROS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub busy_poll: u64,
+
     /// Object store behind the flash tier: s3://bucket/prefix, file:///abs/path or memory://.
     /// Changed files are uploaded to it as 64 MiB blobs. The default is the local directory
     /// DIR/objects. The first mount records the choice in DIR/tier.json; later mounts use it

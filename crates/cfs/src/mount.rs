@@ -128,6 +128,7 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         attr_ttl: Duration::from_secs_f64(args.attr_ttl),
         entry_ttl: Duration::from_secs_f64(args.entry_ttl),
         tier: tier.as_ref().map(|t| t.hooks()),
+        busy_poll: (args.busy_poll > 0).then(|| Duration::from_micros(args.busy_poll)),
     };
     let mut fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
     if let Some(t) = &tier {
@@ -399,6 +400,7 @@ fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Res
     cmd.arg("--attr-ttl").arg(args.attr_ttl.to_string());
     cmd.arg("--entry-ttl").arg(args.entry_ttl.to_string());
     cmd.arg("--threads").arg(args.threads.to_string());
+    cmd.arg("--busy-poll").arg(args.busy_poll.to_string());
     cmd.arg("--upload-concurrency")
         .arg(args.upload_concurrency.to_string());
     cmd.arg("--high-watermark")

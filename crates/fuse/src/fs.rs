@@ -22,6 +22,9 @@ pub struct FsOptions {
     pub entry_ttl: Duration,
     /// The object tier behind flash, if there is one.
     pub tier: Option<Arc<dyn TierHooks>>,
+    /// How long a thread keeps a CPU busy after each request (see [`crate::busy_poll`]);
+    /// `None`: no such thread.
+    pub busy_poll: Option<Duration>,
 }
 
 /// What the FUSE layer asks of the object tier.
@@ -63,6 +66,7 @@ impl std::fmt::Debug for FsOptions {
             .field("attr_ttl", &self.attr_ttl)
             .field("entry_ttl", &self.entry_ttl)
             .field("object_tier", &self.tier.is_some())
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -74,6 +78,7 @@ impl Default for FsOptions {
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
             tier: None,
+            busy_poll: None,
         }
     }
 }
@@ -172,6 +177,8 @@ pub struct ClaudeFs {
     /// Called once `init` has been answered, to tell the launcher the mount is ready.
     pub(crate) on_init: Option<InitHook>,
     pub(crate) purger: crate::purger::Purger,
+    /// Started at `init` when [`FsOptions::busy_poll`] asks for it.
+    pub(crate) busy: Option<crate::busy_poll::BusyPoll>,
 }
 
 impl ClaudeFs {
@@ -183,6 +190,14 @@ impl ClaudeFs {
             opts,
             live: Arc::new(Live::default()),
             on_init: None,
+            busy: None,
+        }
+    }
+
+    /// Notes a request for the busy-poll thread, if there is one.
+    pub(crate) fn busy_touch(&self, req: &fuser::Request) {
+        if let Some(b) = &self.busy {
+            b.touch(req.pid());
         }
     }
 

@@ -3,6 +3,7 @@
 //! lives in `cfs-meta` and `cfs-flash`, where it is tested without a mount.
 
 mod attr;
+mod busy_poll;
 mod caller;
 mod drop_behind;
 mod errno;

@@ -576,7 +576,18 @@ impl Filesystem for ClaudeFs {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_time_granularity(std::time::Duration::from_nanos(1));
         self.live.passthrough.store(passthrough, Ordering::Relaxed);
-        tracing::info!(passthrough, "kernel handshake done");
+        if let Some(window) = self.opts.busy_poll {
+            self.busy = crate::busy_poll::BusyPoll::start(window);
+        }
+        tracing::info!(
+            passthrough,
+            busy_poll_us = self
+                .busy
+                .as_ref()
+                .and(self.opts.busy_poll)
+                .map(|w| w.as_micros()),
+            "kernel handshake done"
+        );
         if let Some(f) = self.on_init.take() {
             f(passthrough);
         }
@@ -593,12 +604,14 @@ impl Filesystem for ClaudeFs {
             }
         }
         self.purger.finish();
+        self.busy = None;
         if let Err(e) = self.meta.sync() {
             tracing::error!(error = %e, "final metadata sync failed");
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.busy_touch(req);
         match self.meta.lookup(parent.0, name.as_bytes()) {
             // A negative entry (inode 0) lets the kernel cache the miss for the entry TTL, so
             // compilers and git probing absent paths cost one request, not one per probe.
@@ -612,7 +625,8 @@ impl Filesystem for ClaudeFs {
         }
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+    fn forget(&self, req: &Request, ino: INodeNo, _nlookup: u64) {
+        self.busy_touch(req);
         // The kernel forgets an inode only when it drops it, so an unlinked inode is now
         // unreferenced; a linked one is left alone by `Purge`.
         if let Ok(inode) = self.meta.inode(ino.0)
@@ -622,7 +636,8 @@ impl Filesystem for ClaudeFs {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.busy_touch(req);
         match self.meta.inode(ino.0) {
             Ok(inode) => reply.attr(&self.opts.attr_ttl, &self.attr_of(&inode)),
             Err(e) => reply.error(fail("getattr", e.into())),
@@ -647,13 +662,15 @@ impl Filesystem for ClaudeFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.busy_touch(req);
         match self.do_setattr(req.uid(), ino, mode, uid, gid, size, atime, mtime, fh) {
             Ok(inode) => reply.attr(&self.opts.attr_ttl, &self.attr_of(&inode)),
             Err(e) => reply.error(fail("setattr", e)),
         }
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.busy_touch(req);
         match self.meta.inode(ino.0) {
             Ok(inode) if inode.kind == FileKind::Symlink => reply.data(&inode.target),
             Ok(_) => reply.error(Errno::EINVAL),
@@ -671,6 +688,7 @@ impl Filesystem for ClaudeFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.busy_touch(req);
         let Some(kind) =
             FileKind::from_mode(mode).filter(|k| *k != FileKind::Dir && *k != FileKind::Symlink)
         else {
@@ -702,6 +720,7 @@ impl Filesystem for ClaudeFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        self.busy_touch(req);
         let r = self
             .create_node(
                 req,
@@ -719,7 +738,8 @@ impl Filesystem for ClaudeFs {
         self.entry(reply, "mkdir", r);
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy_touch(req);
         let r = self.meta.execute(&Op::Unlink {
             parent: parent.0,
             name: name.as_bytes().to_vec(),
@@ -732,7 +752,8 @@ impl Filesystem for ClaudeFs {
         );
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy_touch(req);
         let r = self.meta.execute(&Op::Rmdir {
             parent: parent.0,
             name: name.as_bytes().to_vec(),
@@ -753,6 +774,7 @@ impl Filesystem for ClaudeFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.busy_touch(req);
         let r = self
             .create_node(
                 req,
@@ -772,7 +794,7 @@ impl Filesystem for ClaudeFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -780,6 +802,7 @@ impl Filesystem for ClaudeFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         let mode = if flags.contains(RenameFlags::RENAME_WHITEOUT) {
             return reply.error(Errno::EINVAL);
         } else if flags.contains(RenameFlags::RENAME_EXCHANGE) {
@@ -806,12 +829,13 @@ impl Filesystem for ClaudeFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.busy_touch(req);
         let r = self
             .meta
             .execute(&Op::Link {
@@ -825,7 +849,8 @@ impl Filesystem for ClaudeFs {
         self.entry(reply, "link", r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.busy_touch(req);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
             && let Err(e) = self.admit_write()
         {
@@ -844,7 +869,7 @@ impl Filesystem for ClaudeFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -853,6 +878,7 @@ impl Filesystem for ClaudeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.busy_touch(req);
         let r = self.handle(fh).and_then(|h| {
             if h.cold
                 && let Some(data) = self.cold_read(&h, offset, size)?
@@ -883,7 +909,7 @@ impl Filesystem for ClaudeFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -893,6 +919,7 @@ impl Filesystem for ClaudeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.busy_touch(req);
         let r = self.handle(fh).and_then(|h| {
             // Writes the daemon sees (no passthrough, or a cold file) wait for room like a
             // create does, so a handle opened before flash filled cannot overrun it.
@@ -922,12 +949,13 @@ impl Filesystem for ClaudeFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         // Nothing to do at close: data is already on the backing file (the kernel writes back
         // its cache before sending FLUSH), and locks are the kernel's. ENOSYS tells the kernel
         // to stop sending FLUSH at all, saving a round trip on every close.
@@ -936,7 +964,7 @@ impl Filesystem for ClaudeFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -944,6 +972,7 @@ impl Filesystem for ClaudeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         let handle = self.live.handles.remove(fh.0);
         let r = handle.as_ref().map_or(Ok(()), |h| self.record_release(h));
         Self::empty(reply, "release", r);
@@ -962,12 +991,13 @@ impl Filesystem for ClaudeFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         let r = (|| -> FsResult<()> {
             let h = self.handle(fh)?;
             let read = self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
@@ -999,7 +1029,8 @@ impl Filesystem for ClaudeFs {
         Self::empty(reply, "fsync", r);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.busy_touch(req);
         // A directory handle carries nothing here (readdir reads by inode and offset). A
         // kernel that offers zero-message opendir stops sending OPENDIR and RELEASEDIR for
         // good after one ENOSYS: two round trips less per directory opened (`ls`, `find`,
@@ -1019,12 +1050,13 @@ impl Filesystem for ClaudeFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.busy_touch(req);
         let r = self.do_readdir(
             ino,
             offset,
@@ -1046,12 +1078,13 @@ impl Filesystem for ClaudeFs {
 
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.busy_touch(req);
         let ttl = self.opts.entry_ttl;
         let r = self.do_readdir(
             ino,
@@ -1077,12 +1110,13 @@ impl Filesystem for ClaudeFs {
 
     fn fsyncdir(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         // A directory's entries are namespace; what else is pending is bookkeeping that
         // recovery rebuilds (see `Op::is_bookkeeping`).
         Self::empty(
@@ -1092,7 +1126,8 @@ impl Filesystem for ClaudeFs {
         );
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.busy_touch(req);
         match self.flash.capacity() {
             Ok(c) => reply.statfs(
                 c.blocks,
@@ -1118,6 +1153,7 @@ impl Filesystem for ClaudeFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         let mode = if flags & libc::XATTR_CREATE != 0 {
             XattrMode::Create
         } else if flags & libc::XATTR_REPLACE != 0 {
@@ -1165,7 +1201,8 @@ impl Filesystem for ClaudeFs {
         Self::empty(reply, "setxattr", r.map(|_| ()).map_err(Into::into));
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.busy_touch(req);
         match self.meta.xattr(ino.0, name.as_bytes()) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
@@ -1174,7 +1211,8 @@ impl Filesystem for ClaudeFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.busy_touch(req);
         match self.meta.xattr_names(ino.0) {
             Ok(names) => {
                 let mut buf = Vec::new();
@@ -1194,7 +1232,8 @@ impl Filesystem for ClaudeFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.busy_touch(req);
         let r = self.meta.execute(&Op::RemoveXattr {
             ino: ino.0,
             name: name.as_bytes().to_vec(),
@@ -1203,7 +1242,8 @@ impl Filesystem for ClaudeFs {
         Self::empty(reply, "removexattr", r.map(|_| ()).map_err(Into::into));
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        self.busy_touch(req);
         // With default_permissions the kernel has already checked; this only confirms the
         // inode still exists.
         Self::empty(
@@ -1223,6 +1263,7 @@ impl Filesystem for ClaudeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.busy_touch(req);
         let r = self.admit_write().and_then(|()| {
             self.create_node(
                 req,
@@ -1273,6 +1314,7 @@ impl Filesystem for ClaudeFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.busy_touch(req);
         let r = self.handle(fh).and_then(|h| {
             if h.cold {
                 self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
@@ -1300,13 +1342,14 @@ impl Filesystem for ClaudeFs {
 
     fn lseek(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.busy_touch(req);
         let r = self.handle(fh).and_then(|h| {
             let whence = match whence {
                 libc::SEEK_DATA => nix::unistd::Whence::SeekData,
@@ -1353,6 +1396,7 @@ impl Filesystem for ClaudeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.busy_touch(req);
         // Server-side copy between backing files: the kernel clones or copies extents, and
         // the bytes never pass through the daemon.
         let r = self.handle(fh_in).and_then(|src| {
