@@ -86,16 +86,16 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 8)]
     pub threads: usize,
 
-    /// Microseconds a daemon thread keeps a CPU busy after each FUSE request; 0 (the
-    /// default) is off. The thread runs at nice 19, so it only takes CPU time nothing else
-    /// wants, and it sleeps once requests stop. On a virtual machine whose idle vCPUs halt at
-    /// once (the guest haltpoll cpuidle driver with guest_halt_poll_ns 0; `cfs mount` logs a
-    /// line when it finds one), 1000 lets a single-threaded chain of metadata operations (tar,
-    /// a checkout, a database's commits) run without a hypervisor wake-up per request, at the
-    /// cost of a vCPU's idle time while requests flow. Parallel jobs (make -j) can run slower
-    /// with it: see docs/operations.md.
-    #[arg(long, value_name = "MICROS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
-    pub busy_poll: u64,
+    /// Microseconds a daemon thread keeps a CPU busy after each FUSE request, while one
+    /// caller sends them. The thread runs at nice 19, so it only takes CPU time nothing else
+    /// wants; it sleeps once requests stop, and while several threads or processes send them
+    /// (a parallel job wants every idle CPU). On a virtual machine whose idle vCPUs halt at
+    /// once, it lets a single-threaded chain of metadata operations (tar, a checkout, rm -r)
+    /// run without a hypervisor wake-up per request. `auto`: 1000 on such a machine (the
+    /// guest haltpoll cpuidle driver with guest_halt_poll_ns 0), off elsewhere. `off` (or 0):
+    /// never. See docs/operations.md.
+    #[arg(long, value_name = "auto|off|MICROS", default_value = "auto")]
+    pub busy_poll: BusyPoll,
 
     /// Object store behind the flash tier: s3://bucket/prefix, file:///abs/path or memory://.
     /// Changed files are uploaded to it as 64 MiB blobs. The default is the local directory
@@ -170,6 +170,44 @@ impl TierMode {
         match self {
             TierMode::Cache => "cache",
             TierMode::Tiered => "tiered",
+        }
+    }
+}
+
+/// The `--busy-poll` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusyPoll {
+    /// Decided from the machine at mount time.
+    Auto,
+    /// This many microseconds; 0 is off.
+    Micros(u64),
+}
+
+/// The longest `--busy-poll` window taken: beyond a second it is a spinning thread, not a
+/// bridge between requests.
+const BUSY_POLL_MAX_US: u64 = 1_000_000;
+
+impl std::str::FromStr for BusyPoll {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BusyPoll, String> {
+        match s.trim() {
+            "auto" => Ok(BusyPoll::Auto),
+            "off" => Ok(BusyPoll::Micros(0)),
+            n => match n.parse::<u64>() {
+                Ok(us) if us <= BUSY_POLL_MAX_US => Ok(BusyPoll::Micros(us)),
+                Ok(_) => Err(format!("at most {BUSY_POLL_MAX_US} microseconds")),
+                Err(_) => Err("expected auto, off or a number of microseconds".into()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for BusyPoll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BusyPoll::Auto => f.write_str("auto"),
+            BusyPoll::Micros(us) => write!(f, "{us}"),
         }
     }
 }

@@ -18,8 +18,8 @@ pub fn slow_wakeups(sys: &Path) -> Option<String> {
     (driver.trim() == "haltpoll" && poll_ns.trim() == "0").then(|| {
         "idle vCPUs halt without polling (haltpoll guest_halt_poll_ns=0): each FUSE round trip \
          pays two hypervisor wake-ups; raising /sys/module/haltpoll/parameters/guest_halt_poll_ns \
-         (e.g. to 200000), or mounting with --busy-poll 1000, speeds up metadata operations \
-         at the cost of idle CPU time (see docs/operations.md)"
+         (e.g. to 200000) speeds up metadata operations at the cost of idle CPU time \
+         (see docs/operations.md)"
             .to_string()
     })
 }
