@@ -2,6 +2,7 @@
 and the one way both put its caches in a known state."""
 
 import os
+import re
 
 
 def read(path):
@@ -21,6 +22,21 @@ def cpu_idle():
         poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") or "?"
         return f"{driver}, guest_halt_poll_ns {poll}"
     return driver
+
+
+def busy_poll(data_dir):
+    """What a ClaudeFS daemon chose for `--busy-poll`, from its log in `data_dir`: "on, N µs
+    window" or "off"; None if the log does not say. With the default, `auto`, it depends on
+    the machine (see `cpu_idle`), and it changes metadata figures there."""
+    try:
+        with open(os.path.join(data_dir, "cfs.log"), errors="replace") as f:
+            lines = [l for l in f if "kernel handshake done" in l]
+    except OSError:
+        return None
+    if not lines:
+        return None
+    m = re.search(r"busy_poll_us=(\d+)", lines[-1])
+    return f"on, {m.group(1)} µs window" if m else "off"
 
 
 def page_reporting():
