@@ -345,3 +345,24 @@ pub struct BenchCliArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BusyPoll;
+
+    #[test]
+    fn busy_poll_takes_auto_off_or_microseconds_up_to_a_second() {
+        assert_eq!("auto".parse(), Ok(BusyPoll::Auto));
+        assert_eq!("off".parse(), Ok(BusyPoll::Micros(0)));
+        assert_eq!("0".parse(), Ok(BusyPoll::Micros(0)));
+        assert_eq!("1000".parse(), Ok(BusyPoll::Micros(1000)));
+        assert_eq!("1000000".parse(), Ok(BusyPoll::Micros(1_000_000)));
+        assert!("1000001".parse::<BusyPoll>().is_err());
+        assert!("fast".parse::<BusyPoll>().is_err());
+        assert!("-5".parse::<BusyPoll>().is_err());
+        // What `cfs mount --background` hands its child must parse back the same.
+        for v in [BusyPoll::Auto, BusyPoll::Micros(0), BusyPoll::Micros(250)] {
+            assert_eq!(v.to_string().parse(), Ok(v));
+        }
+    }
+}

@@ -500,3 +500,23 @@ pub fn set_verbosity(v: u8) {
 fn args_verbosity() -> u8 {
     VERBOSITY.load(std::sync::atomic::Ordering::Relaxed)
 }
+
+#[cfg(test)]
+mod busy_poll_tests {
+    use super::{BUSY_POLL_AUTO, busy_poll_window};
+    use crate::cli::BusyPoll;
+    use std::time::Duration;
+
+    #[test]
+    fn auto_spins_only_where_idle_vcpus_halt_and_a_value_always_wins() {
+        assert_eq!(busy_poll_window(BusyPoll::Auto, true), Some(BUSY_POLL_AUTO));
+        assert_eq!(busy_poll_window(BusyPoll::Auto, false), None);
+        assert_eq!(busy_poll_window(BusyPoll::Micros(0), true), None);
+        for halting in [true, false] {
+            assert_eq!(
+                busy_poll_window(BusyPoll::Micros(300), halting),
+                Some(Duration::from_micros(300))
+            );
+        }
+    }
+}
