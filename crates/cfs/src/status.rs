@@ -21,6 +21,9 @@ pub struct Status {
     pub flash_capacity_bytes: u64,
     pub flash_free_bytes: u64,
     pub passthrough_active: Option<bool>,
+    /// The mount's busy-poll window in microseconds, 0 when it has none (a running mount
+    /// only; see `cfs mount --busy-poll`).
+    pub busy_poll_us: Option<u64>,
     pub open_handles: Option<usize>,
     /// Object tier: what the store holds and what is still owed to it.
     pub tier: cfs_meta::TierCounts,
@@ -156,6 +159,7 @@ impl Status {
             flash_capacity_bytes: cap.blocks * cap.block_size,
             flash_free_bytes: cap.blocks_avail * cap.block_size,
             passthrough_active: live.map(|(s, _)| s.passthrough_active),
+            busy_poll_us: live.map(|(s, _)| s.busy_poll_us),
             open_handles: live.map(|(s, _)| s.open_handles),
             tier: counts_t,
             blobs,
@@ -223,6 +227,11 @@ impl Status {
         match self.passthrough_active {
             Some(true) => println!("passthrough  active"),
             Some(false) => println!("passthrough  off (I/O served by the daemon)"),
+            None => {}
+        }
+        match self.busy_poll_us {
+            Some(0) => println!("busy-poll    off"),
+            Some(us) => println!("busy-poll    on, {us} µs after each request"),
             None => {}
         }
         if let Some(n) = self.open_handles {

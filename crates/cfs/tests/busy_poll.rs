@@ -32,6 +32,11 @@ fn busy_poll_spins_while_requests_flow_and_sleeps_when_they_stop() {
     let mut m = Mount::start(root.path(), &["--busy-poll", "1000"]);
     let pid = m.pid().expect("daemon running");
     let task = thread_named(pid, "cfs-busypoll").expect("the mount has a cfs-busypoll thread");
+    assert_eq!(
+        status(&m)["busy_poll_us"],
+        1000,
+        "cfs status shows the window"
+    );
 
     // Work through it: the filesystem answers as it would without.
     let dir = m.path("d");
@@ -82,5 +87,6 @@ fn busy_poll_off_starts_no_thread() {
         thread_named(pid, "cfs-busypoll").is_none(),
         "--busy-poll off must start no busy-poll thread"
     );
+    assert_eq!(status(&m)["busy_poll_us"], 0, "cfs status shows it off");
     m.unmount();
 }

@@ -87,6 +87,8 @@ impl Default for FsOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct FsStatus {
     pub passthrough_active: bool,
+    /// The busy-poll window in microseconds; 0: no busy-poll thread.
+    pub busy_poll_us: u64,
     pub open_handles: usize,
     pub passthrough_opens: u64,
     pub daemon_opens: u64,
@@ -100,6 +102,8 @@ pub struct Live {
     pub(crate) passthrough: AtomicBool,
     /// Set at `init` when the kernel offers zero-message opendir (see `opendir`).
     pub(crate) no_opendir: AtomicBool,
+    /// The busy-poll thread's window in microseconds, set when it starts; 0: none.
+    pub(crate) busy_poll_us: AtomicU64,
     pub(crate) handles: Handles,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) daemon_opens: AtomicU64,
@@ -159,6 +163,7 @@ impl Live {
     pub fn status(&self) -> FsStatus {
         FsStatus {
             passthrough_active: self.passthrough.load(Ordering::Relaxed),
+            busy_poll_us: self.busy_poll_us.load(Ordering::Relaxed),
             open_handles: self.handles.count(),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
             daemon_opens: self.daemon_opens.load(Ordering::Relaxed),

@@ -578,6 +578,10 @@ impl Filesystem for ClaudeFs {
         self.live.passthrough.store(passthrough, Ordering::Relaxed);
         if let Some(window) = self.opts.busy_poll {
             self.busy = crate::busy_poll::BusyPoll::start(window);
+            if self.busy.is_some() {
+                let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+                self.live.busy_poll_us.store(us, Ordering::Relaxed);
+            }
         }
         tracing::info!(
             passthrough,
