@@ -155,8 +155,8 @@ fn run(s: &Shared) {
             if gap >= PREEMPTED {
                 stolen += gap;
             }
-            if now.duration_since(looked) >= LOOK_EVERY {
-                let period = now.duration_since(looked);
+            let period = now.duration_since(looked);
+            if period >= LOOK_EVERY {
                 looked = now;
                 if stolen * 2 >= period {
                     // Other threads wanted this CPU for most of the period (the object
