@@ -10,7 +10,7 @@ use crate::op::{BlobRecord, Outcome};
 use crate::{Ino, Result};
 use redb::ReadableTable;
 
-impl Tx<'_> {
+impl Tx<'_, '_> {
     /// Queues for deletion every blob of `ino` with index `from` or above.
     pub(crate) fn retire_blobs(&mut self, ino: Ino, from: u64) -> Result<()> {
         let doomed: Vec<(u64, u64)> = self

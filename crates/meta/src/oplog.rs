@@ -23,11 +23,12 @@
 //! | u64 count | count × (u32 length, postcard Op) | u32 crc32c of every byte before it
 //! ```
 
+use crate::apply::Tables;
 use crate::op::{Op, Outcome};
 use crate::store::MetaStore;
 use crate::tables::*;
 use crate::{MetaError, Result};
-use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata};
 use std::sync::atomic::Ordering;
 
 /// The segment encoding this build writes and reads.
@@ -80,26 +81,27 @@ pub(crate) fn checkpoint_cut(read: &ReadTransaction) -> Result<(u64, u64)> {
 /// Logs `op` in `txn`, after the state machine applied it. `replay` is the number it had in
 /// the log it is replayed from: it must follow the store's last one, and it is not logged
 /// again. Returns the number, or `None` for an operation that is not logged.
-pub(crate) fn record(txn: &WriteTransaction, op: &Op, replay: Option<u64>) -> Result<Option<u64>> {
+pub(crate) fn record(tables: &mut Tables<'_>, op: &Op, replay: Option<u64>) -> Result<Option<u64>> {
     if replay.is_none() && !op.is_logged() {
         return Ok(None);
     }
-    let mut log: Table<u64, &[u8]> = txn.open_table(OPLOG)?;
-    // The super table is opened only when it is needed (opening one costs as much as a
-    // change): for the base of an empty log, and for a replay, which moves the base.
-    let last = match log.last()?.map(|(k, _)| k.value()) {
+    // The super table is read only when it is needed: for the base of an empty log, and
+    // for a replay, which moves the base.
+    let newest = tables.oplog()?.last()?.map(|(k, _)| k.value());
+    let last = match newest {
         Some(last) => last,
-        None => log_base(&txn.open_table(SUPER)?)?,
+        None => log_base(tables.sup()?)?,
     };
     let seq = last + 1;
     match replay {
         None => {
             let bytes = postcard::to_allocvec(op)
                 .map_err(|e| MetaError::Store(format!("encoding an operation for the log: {e}")))?;
-            log.insert(seq, bytes.as_slice())?;
+            tables.oplog()?.insert(seq, bytes.as_slice())?;
         }
         Some(s) if s == seq => {
-            txn.open_table(SUPER)?
+            tables
+                .sup()?
                 .insert(KEY_LOG_BASE, seq.to_le_bytes().as_slice())?;
         }
         Some(s) => {

@@ -14,11 +14,23 @@
 //! So the batches applied are kept, and after a failure the transaction is thrown away and
 //! they are applied again into a fresh one: operations carry everything their outcome
 //! depends on, so they apply the same way again.
+//!
+//! The tables each operation uses stay open in the transaction until it commits (see
+//! [`Tables`]): the transaction and its open tables live together in one [`Open`].
 
-use crate::apply::Tx;
+use crate::apply::{Tables, Tx};
 use crate::op::{Op, Outcome};
 use crate::{MetaError, Result};
 use redb::{Database, Durability, WriteTransaction};
+
+self_cell::self_cell!(
+    /// A write transaction and the tables opened in it so far, which borrow it.
+    pub(crate) struct Open {
+        owner: WriteTransaction,
+        #[not_covariant]
+        dependent: Tables,
+    }
+);
 
 /// Operations applied before the open transaction is committed anyway, which bounds the
 /// memory it holds and the work to apply again after a failure.
@@ -26,7 +38,7 @@ pub(crate) const MAX_OPS: usize = 256;
 
 /// An open transaction and what was applied into it.
 pub(crate) struct Pending {
-    pub(crate) txn: WriteTransaction,
+    open: Open,
     /// Each batch applied, with the log number a replayed operation had.
     applied: Vec<(Vec<Op>, Option<u64>)>,
     ops: usize,
@@ -40,7 +52,7 @@ impl Pending {
         let mut txn = db.begin_write()?;
         txn.set_durability(Durability::None)?;
         Ok(Pending {
-            txn,
+            open: Open::new(txn, |txn| Tables::new(txn)),
             applied: Vec::new(),
             ops: 0,
         })
@@ -53,7 +65,9 @@ impl Pending {
     /// Applies and logs `ops` as one batch. On an error the transaction holds part of the
     /// batch: call [`Pending::start_over`].
     pub(crate) fn apply(&mut self, ops: &[Op], replay: Option<u64>) -> Result<Applied> {
-        let applied = apply_into(&self.txn, ops, replay)?;
+        let applied = self
+            .open
+            .with_dependent_mut(|_, tables| apply_into(tables, ops, replay))?;
         self.applied.push((ops.to_vec(), replay));
         self.ops += ops.len();
         Ok(applied)
@@ -63,11 +77,14 @@ impl Pending {
     /// batches that had succeeded into a fresh one. An error here means those are lost, and
     /// says so.
     pub(crate) fn start_over(self, db: &Database) -> Result<Pending> {
-        let Pending { txn, applied, ops } = self;
-        txn.abort()?;
-        let fresh = Pending::begin(db)?;
+        let Pending { open, applied, ops } = self;
+        open.into_owner().abort()?;
+        let mut fresh = Pending::begin(db)?;
         for (batch, replay) in &applied {
-            apply_into(&fresh.txn, batch, *replay).map_err(|e| {
+            let again = fresh
+                .open
+                .with_dependent_mut(|_, tables| apply_into(tables, batch, *replay));
+            again.map_err(|e| {
                 tracing::error!(error = %e, "an operation applied before does not apply again");
                 MetaError::Store(format!(
                     "operations applied before a failed one do not apply again: {e}"
@@ -75,23 +92,32 @@ impl Pending {
             })?;
         }
         Ok(Pending {
-            txn: fresh.txn,
+            open: fresh.open,
             applied,
             ops,
         })
     }
 
-    /// Commits everything applied, at `durability`.
-    pub(crate) fn commit(mut self, durability: Durability) -> Result<()> {
-        self.txn.set_durability(durability)?;
-        self.txn.commit()?;
+    /// Commits everything applied, at `durability`. The tables are closed first, which
+    /// writes their roots back into the transaction.
+    pub(crate) fn commit(self, durability: Durability) -> Result<()> {
+        let mut txn = self.open.into_owner();
+        txn.set_durability(durability)?;
+        txn.commit()?;
         Ok(())
+    }
+
+    /// Runs `read` on the transaction's tables: how the request path reads what was
+    /// applied but not committed yet. Tables stay open, so a table opened here is not
+    /// opened again by the next operation.
+    pub(crate) fn read<R>(&mut self, read: impl FnOnce(&mut Tables<'_>) -> R) -> R {
+        self.open.with_dependent_mut(|_, tables| read(tables))
     }
 }
 
-/// Applies and logs `ops` into `txn`, in one state-machine transaction.
-fn apply_into(txn: &WriteTransaction, ops: &[Op], replay: Option<u64>) -> Result<Applied> {
-    let mut tx = Tx::open(txn)?;
+/// Applies and logs `ops` into the open transaction, in one state-machine transaction.
+fn apply_into(tables: &mut Tables<'_>, ops: &[Op], replay: Option<u64>) -> Result<Applied> {
+    let mut tx = Tx::open(tables);
     let outcomes = ops
         .iter()
         .map(|op| tx.apply(op))
@@ -99,7 +125,7 @@ fn apply_into(txn: &WriteTransaction, ops: &[Op], replay: Option<u64>) -> Result
     tx.finish()?;
     let mut last = None;
     for op in ops {
-        last = crate::oplog::record(txn, op, replay)?.or(last);
+        last = crate::oplog::record(tables, op, replay)?.or(last);
     }
     Ok((outcomes, last))
 }

@@ -411,8 +411,8 @@ impl MetaStore {
     }
 
     pub fn inode(&self, ino: Ino) -> Result<Inode> {
-        if let Some(p) = self.open_txn() {
-            return inode_in(&p.txn.open_table(INODES)?, ino);
+        if let Some(mut p) = self.open_txn() {
+            return p.read(|t| inode_in(t.inodes()?, ino));
         }
         let read = self.db.begin_read()?;
         inode_in(&read.open_table(INODES)?, ino)
@@ -423,9 +423,11 @@ impl MetaStore {
         if name.len() > crate::NAME_MAX {
             return Err(MetaError::NameTooLong);
         }
-        if let Some(p) = self.open_txn() {
-            let dentries = p.txn.open_table(DENTRIES)?;
-            return lookup_in(&dentries, &p.txn.open_table(INODES)?, parent, name);
+        if let Some(mut p) = self.open_txn() {
+            return p.read(|t| {
+                let (dentries, inodes) = t.dentries_and_inodes()?;
+                lookup_in(dentries, inodes, parent, name)
+            });
         }
         let read = self.db.begin_read()?;
         let dentries = read.open_table(DENTRIES)?;
@@ -473,9 +475,11 @@ impl MetaStore {
     }
 
     pub fn xattr(&self, ino: Ino, name: &[u8]) -> Result<Vec<u8>> {
-        if let Some(p) = self.open_txn() {
-            let xattrs = p.txn.open_table(XATTRS)?;
-            return xattr_in(&xattrs, &p.txn.open_table(INODES)?, ino, name);
+        if let Some(mut p) = self.open_txn() {
+            return p.read(|t| {
+                let (xattrs, inodes) = t.xattrs_and_inodes()?;
+                xattr_in(xattrs, inodes, ino, name)
+            });
         }
         let read = self.db.begin_read()?;
         let xattrs = read.open_table(XATTRS)?;
@@ -651,8 +655,8 @@ impl MetaStore {
 
     /// The blobs of `ino` that are not on flash, as (k, generation), in index order.
     pub fn evicted_of(&self, ino: Ino) -> Result<Vec<(u64, u64)>> {
-        if let Some(p) = self.open_txn() {
-            return evicted_in(&p.txn.open_table(EVICTED)?, ino, usize::MAX);
+        if let Some(mut p) = self.open_txn() {
+            return p.read(|t| evicted_in(t.evicted()?, ino, usize::MAX));
         }
         evicted_in(&self.db.begin_read()?.open_table(EVICTED)?, ino, usize::MAX)
     }
@@ -691,8 +695,8 @@ impl MetaStore {
     /// Whether any blob of `ino` is off flash (then its opens go through the daemon).
     pub fn has_evicted(&self, ino: Ino) -> Result<bool> {
         // On every open: read through the open transaction rather than commit it.
-        if let Some(p) = self.open_txn() {
-            return Ok(!evicted_in(&p.txn.open_table(EVICTED)?, ino, 1)?.is_empty());
+        if let Some(mut p) = self.open_txn() {
+            return Ok(!p.read(|t| evicted_in(t.evicted()?, ino, 1))?.is_empty());
         }
         let read = self.db.begin_read()?;
         Ok(!evicted_in(&read.open_table(EVICTED)?, ino, 1)?.is_empty())
