@@ -12,9 +12,11 @@
 //! allocates one, which made each create under churn cost hundreds of microseconds.
 
 mod moves;
+mod prepared;
 mod spare;
 
 pub use moves::{Change, FileTimes, Stat};
+pub use prepared::Reserve;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -30,6 +32,7 @@ pub struct FlashDir {
     root: PathBuf,
     spares: std::sync::Arc<spare::Spares>,
     moves: std::sync::Arc<moves::Moves>,
+    prepared: std::sync::Arc<prepared::Prepared>,
 }
 
 /// One backing file found by [`FlashDir::scan`].
@@ -73,6 +76,7 @@ impl FlashDir {
             root: root.to_path_buf(),
             spares: std::sync::Arc::new(spare::Spares::new(root.join(spare::DIR))),
             moves: std::sync::Arc::default(),
+            prepared: std::sync::Arc::new(prepared::Prepared::new()),
         })
     }
 
@@ -81,19 +85,46 @@ impl FlashDir {
     }
 
     pub fn path(&self, ino: Ino) -> PathBuf {
-        self.root
-            .join(format!("{:02x}", ino & 0xff))
-            .join(format!("{ino:016x}"))
+        shard_path(&self.root, ino)
     }
 
     /// Creates the backing file of a new inode, empty, from a spare if there is one. Fails if
     /// it already exists.
     pub fn create(&self, ino: Ino) -> io::Result<File> {
-        let path = self.path(ino);
-        if self.spares.take_into(&path)? {
-            return self.open_rw(ino);
-        }
-        Self::create_new(&path)
+        create_backing(&self.spares, &self.path(ino))
+    }
+
+    /// Keeps about `count` empty backing files ready for creates from now on, each under an
+    /// inode number from `reserve`, made and opened by a background thread (see
+    /// [`prepared`]). For the serving daemon, after recovery; [`FlashDir::release_prepared`]
+    /// gives the unused ones back when it stops.
+    pub fn prepare_for_creates(&self, count: usize, reserve: Reserve) {
+        let maker = prepared::Maker {
+            root: self.root.clone(),
+            spares: std::sync::Arc::clone(&self.spares),
+        };
+        self.prepared.start(count, reserve, maker);
+    }
+
+    /// A backing file made ready for a create, with the inode number it was made for:
+    /// empty, open for reading and writing. `None` when none is ready (then allocate a
+    /// number and [`FlashDir::create`]).
+    pub fn take_prepared(&self) -> Option<(Ino, File)> {
+        self.prepared.take()
+    }
+
+    /// How many prepared backing files wait for creates.
+    pub fn prepared_count(&self) -> usize {
+        self.prepared.len()
+    }
+
+    /// Stops preparing backing files and gives the unused ones back as spares. Returns how
+    /// many there were.
+    pub fn release_prepared(&self) -> io::Result<usize> {
+        self.prepared.release(&prepared::Maker {
+            root: self.root.clone(),
+            spares: std::sync::Arc::clone(&self.spares),
+        })
     }
 
     /// A new, empty backing file at `path` (spares included): owned by the daemon, 0600.
@@ -111,11 +142,7 @@ impl FlashDir {
     /// ways: the kernel has already checked the caller's access mode on the ClaudeFS file, and
     /// the movers (upload, hydration, repair) need both.
     pub fn open_rw(&self, ino: Ino) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(self.path(ino))
+        open_backing(&self.path(ino))
     }
 
     /// Opens the backing file, creating it empty if it is missing. For an inode whose
@@ -133,14 +160,7 @@ impl FlashDir {
     /// Removes the backing file of a deleted inode: it becomes an empty spare for a later
     /// create, or is unlinked when there are spares enough. Missing is fine.
     pub fn remove(&self, ino: Ino) -> io::Result<()> {
-        let path = self.path(ino);
-        if self.spares.keep(&path)? {
-            return Ok(());
-        }
-        match fs::remove_file(path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        }
+        remove_backing(&self.spares, &self.path(ino))
     }
 
     /// Keeps about `count` empty spares ready from now on, made by a background thread, so
@@ -277,6 +297,42 @@ impl FlashDir {
     }
 }
 
+/// Where the backing file of `ino` lives under `root`.
+fn shard_path(root: &Path, ino: Ino) -> PathBuf {
+    root.join(format!("{:02x}", ino & 0xff))
+        .join(format!("{ino:016x}"))
+}
+
+/// A new, empty backing file at `path`, from a spare if there is one, open for reading and
+/// writing. Fails if `path` exists.
+fn create_backing(spares: &std::sync::Arc<spare::Spares>, path: &Path) -> io::Result<File> {
+    if spares.take_into(path)? {
+        return open_backing(path);
+    }
+    FlashDir::create_new(path)
+}
+
+/// Opens the existing backing file at `path` for reading and writing.
+fn open_backing(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Removes the backing file at `path`: it becomes an empty spare, or is unlinked when there
+/// are spares enough. Missing is fine.
+fn remove_backing(spares: &spare::Spares, path: &Path) -> io::Result<()> {
+    if spares.keep(path)? {
+        return Ok(());
+    }
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 /// True if `name` is the canonical spelling of `ino`, so stray files are never mistaken
 /// for backing files.
 fn n_ok(name: &std::ffi::OsStr, ino: Ino) -> bool {
@@ -383,6 +439,68 @@ mod tests {
             6,
             "spares are not backing files"
         );
+    }
+
+    #[test]
+    fn creates_take_files_prepared_under_reserved_numbers_and_unused_ones_return() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flash = FlashDir::open(dir.path()).expect("open");
+        assert!(
+            flash.take_prepared().is_none(),
+            "nothing before preparing starts"
+        );
+        let next = std::sync::Arc::new(AtomicU64::new(100));
+        let counter = std::sync::Arc::clone(&next);
+        flash.prepare_for_creates(
+            8,
+            Box::new(move |n| counter.fetch_add(n, Ordering::Relaxed)),
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while flash.prepared_count() < 8 {
+            assert!(std::time::Instant::now() < deadline, "files not prepared");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (ino, file) = flash.take_prepared().expect("one is ready");
+        assert!(
+            (100..next.load(Ordering::Relaxed)).contains(&ino),
+            "a reserved number: {ino}"
+        );
+        assert_eq!(file.metadata().expect("md").len(), 0);
+        assert_eq!(
+            file.metadata().expect("md").ino(),
+            flash.metadata(ino).expect("at its name").ino(),
+            "the open file is the one under the inode's name"
+        );
+        let taken: Vec<_> = (0..7)
+            .map(|_| flash.take_prepared().expect("ready"))
+            .collect();
+        let mut inos: Vec<u64> = taken.iter().map(|t| t.0).chain([ino]).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        assert_eq!(inos.len(), 8, "every prepared file has its own number");
+        // Taking the last quarter woke the thread: wait for more, then stop.
+        while flash.prepared_count() == 0 {
+            assert!(std::time::Instant::now() < deadline, "not topped up");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let spares = flash.spare_count();
+        let unused = flash.release_prepared().expect("release");
+        assert!(unused > 0);
+        assert_eq!(flash.prepared_count(), 0);
+        assert!(flash.take_prepared().is_none(), "nothing after release");
+        assert_eq!(
+            flash.spare_count(),
+            spares + unused,
+            "unused ones became spares"
+        );
+        let backing: Vec<u64> = flash
+            .scan()
+            .expect("scan")
+            .into_iter()
+            .map(|e| e.expect("ours").ino)
+            .collect();
+        assert_eq!(backing.len(), 8, "only the taken files stay: {backing:?}");
     }
 
     #[test]

@@ -214,6 +214,14 @@ impl MetaStore {
         self.next_ino.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Hands out `n` consecutive fresh inode numbers at once, returning the first: for
+    /// backing files prepared ahead of the creates that will use them. Numbers left unused
+    /// are never handed out again in this run; the next run starts after the highest one a
+    /// create used, which is safe because unused numbers own nothing once the daemon stops.
+    pub fn reserve_inos(&self, n: u64) -> Ino {
+        self.next_ino.fetch_add(n, Ordering::Relaxed)
+    }
+
     /// Applies one operation and commits it (not yet durably; see [`MetaStore::sync`]).
     /// Operations that matter beyond this node go to the operation log in the same
     /// transaction (see `oplog`).
