@@ -111,10 +111,15 @@ const SPARES_READY: usize = 1024;
 const PREPARED_READY: usize = 64;
 
 /// The busy-poll window of `--busy-poll auto` on a machine whose idle vCPUs halt at once:
-/// long enough to bridge a caller's own work between two requests. In a loop of bare round
-/// trips on the 2-vCPU test machine, 1 ms settled at 6 µs a round trip within a second,
-/// where 200 µs (the haltpoll driver's own default polling time) never settled (12–19 µs).
-const BUSY_POLL_AUTO: Duration = Duration::from_millis(1);
+/// long enough to bridge a caller's own pauses between requests, so that the thread stays
+/// put on the vCPU it keeps busy (each time it sleeps and wakes again, the scheduler places
+/// it anew, often beside the caller, and the round trips pay wake-ups until it moves off).
+/// In a loop of bare round trips on the 2-vCPU test machine, 1 ms settled at 6 µs a round
+/// trip within a second, where 200 µs (the haltpoll driver's own polling time) never
+/// settled (12–19 µs). In `cfs bench --files 5000` (medians of 4 alternated runs), 4 KiB
+/// reads ran at 23.5k/s with 1 ms and 38.3k/s with 100 ms (15.9k/s without the thread), and
+/// creates in a tree at 10.2k/s and 17.3k/s; 10 ms and 30 ms fell between (docs/operations.md).
+const BUSY_POLL_AUTO: Duration = Duration::from_millis(100);
 
 /// The busy-poll window `setting` asks for (see `cfs_fuse`'s `busy_poll`); `halting`: idle
 /// vCPUs halt at once on this machine.
