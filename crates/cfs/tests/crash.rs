@@ -113,7 +113,9 @@ fn kill9_during_writes_loses_nothing_fsynced() {
                 path.display()
             );
         }
-        // The filesystem keeps working after recovery.
+        // The filesystem keeps working after recovery. The killed daemon left the backing
+        // files it had prepared for creates, owned by no inode: recovery removed them, and
+        // the new daemon's own prepared ones go back to the spares at unmount (fsck below).
         std::fs::write(m.path("after"), b"ok").expect("write after recovery");
         m.unmount();
         let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
