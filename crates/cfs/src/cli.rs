@@ -91,9 +91,9 @@ pub struct MountArgs {
     /// wants; it sleeps once requests stop, and while several threads or processes send them
     /// (a parallel job wants every idle CPU). On a virtual machine whose idle vCPUs halt at
     /// once, it lets a single-threaded chain of metadata operations (tar, a checkout, rm -r)
-    /// run without a hypervisor wake-up per request. `auto`: 100000 (100 ms) on such a machine (the
-    /// guest haltpoll cpuidle driver with guest_halt_poll_ns 0), off elsewhere. `off` (or 0):
-    /// never. See docs/operations.md.
+    /// run without a hypervisor wake-up per request. `auto`: 100000 (100 ms) on such a
+    /// machine (the guest haltpoll cpuidle driver with guest_halt_poll_ns 0), off elsewhere.
+    /// `off` (or 0): never. See docs/operations.md.
     #[arg(long, value_name = "auto|off|MICROS", default_value = "auto")]
     pub busy_poll: BusyPoll,
 
