@@ -2,7 +2,6 @@
 and the one way both put its caches in a known state."""
 
 import os
-import re
 
 
 def read(path):
@@ -24,19 +23,14 @@ def cpu_idle():
     return driver
 
 
-def busy_poll(data_dir):
-    """What a ClaudeFS daemon chose for `--busy-poll`, from its log in `data_dir`: "on, N µs
-    window" or "off"; None if the log does not say. With the default, `auto`, it depends on
-    the machine (see `cpu_idle`), and it changes metadata figures there."""
-    try:
-        with open(os.path.join(data_dir, "cfs.log"), errors="replace") as f:
-            lines = [l for l in f if "kernel handshake done" in l]
-    except OSError:
+def busy_poll(status):
+    """What a mounted ClaudeFS daemon chose for `--busy-poll`, from its `cfs status --json`
+    (`status`, parsed): "on, N µs window" or "off"; None if it does not say. With the default,
+    `auto`, it depends on the machine (see `cpu_idle`), and it changes metadata figures there."""
+    us = (status or {}).get("busy_poll_us")
+    if us is None:
         return None
-    if not lines:
-        return None
-    m = re.search(r"busy_poll_us=(\d+)", lines[-1])
-    return f"on, {m.group(1)} µs window" if m else "off"
+    return f"on, {us} µs window" if us else "off"
 
 
 def page_reporting():
