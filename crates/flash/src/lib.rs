@@ -13,6 +13,7 @@
 
 mod moves;
 mod prepared;
+mod refill;
 mod spare;
 
 pub use moves::{Change, FileTimes, Stat};
@@ -72,11 +73,15 @@ impl FlashDir {
                 fs::create_dir(&dir)?;
             }
         }
+        let spares = std::sync::Arc::new(spare::Spares::new(root.join(spare::DIR)));
         Ok(FlashDir {
             root: root.to_path_buf(),
-            spares: std::sync::Arc::new(spare::Spares::new(root.join(spare::DIR))),
+            prepared: std::sync::Arc::new(prepared::Prepared::new(
+                root.to_path_buf(),
+                std::sync::Arc::clone(&spares),
+            )),
+            spares,
             moves: std::sync::Arc::default(),
-            prepared: std::sync::Arc::new(prepared::Prepared::new()),
         })
     }
 
@@ -99,17 +104,23 @@ impl FlashDir {
     /// [`prepared`]). For the serving daemon, after recovery; [`FlashDir::release_prepared`]
     /// gives the unused ones back when it stops.
     pub fn prepare_for_creates(&self, count: usize, reserve: Reserve) {
-        let maker = prepared::Maker {
-            root: self.root.clone(),
-            spares: std::sync::Arc::clone(&self.spares),
-        };
-        self.prepared.start(count, reserve, maker);
+        self.prepared.start(count, reserve);
     }
 
-    /// A backing file made ready for a create, with the inode number it was made for:
-    /// empty, open for reading and writing. `None` when none is ready (then allocate a
-    /// number and [`FlashDir::create`]).
-    pub fn take_prepared(&self) -> Option<(Ino, File)> {
+    /// The backing file of a new regular file and its inode number: one prepared in advance
+    /// when one is ready, so no flash I/O; otherwise a number from `alloc` and a new file
+    /// (see [`FlashDir::create`]). Empty, open for reading and writing.
+    pub fn create_next(&self, alloc: impl FnOnce() -> Ino) -> io::Result<(Ino, File)> {
+        if let Some(prepared) = self.take_prepared() {
+            return Ok(prepared);
+        }
+        let ino = alloc();
+        Ok((ino, self.create(ino)?))
+    }
+
+    /// A backing file made ready for a create, with the inode number it was made for, or
+    /// `None` when none is ready.
+    fn take_prepared(&self) -> Option<(Ino, File)> {
         self.prepared.take()
     }
 
@@ -121,10 +132,7 @@ impl FlashDir {
     /// Stops preparing backing files and gives the unused ones back as spares. Returns how
     /// many there were.
     pub fn release_prepared(&self) -> io::Result<usize> {
-        self.prepared.release(&prepared::Maker {
-            root: self.root.clone(),
-            spares: std::sync::Arc::clone(&self.spares),
-        })
+        self.prepared.release()
     }
 
     /// A new, empty backing file at `path` (spares included): owned by the daemon, 0600.

@@ -14,6 +14,7 @@
 //! Reserved numbers that end up unused are never handed out again by this run, and the next
 //! run starts after the highest number a create used, as ever.
 
+use crate::refill::Refill;
 use crate::spare::Spares;
 use crate::{Ino, create_backing, remove_backing};
 use std::collections::VecDeque;
@@ -21,9 +22,7 @@ use std::fs::File;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
 
 /// Hands out `n` consecutive inode numbers nobody else gets, returning the first.
 pub type Reserve = Box<dyn Fn(u64) -> Ino + Send + Sync>;
@@ -38,8 +37,10 @@ pub(crate) struct Prepared {
     /// Held while files are being prepared, so that [`Prepared::release`] returns only
     /// once no file is half made (one made after it began is given back by its maker).
     busy: parking_lot::Mutex<()>,
-    /// Wakes the preparing thread; dropped with the last `Prepared`, which ends the thread.
-    wake: OnceLock<SyncSender<()>>,
+    /// The flash directory the files are made in, and the spares they are taken from.
+    root: PathBuf,
+    spares: Arc<Spares>,
+    refill: Refill,
 }
 
 impl std::fmt::Debug for Prepared {
@@ -51,56 +52,31 @@ impl std::fmt::Debug for Prepared {
     }
 }
 
-/// Where the preparing thread makes its files: the shard path of an inode, and the spares
-/// it takes them from.
-pub(crate) struct Maker {
-    pub(crate) root: PathBuf,
-    pub(crate) spares: Arc<Spares>,
-}
-
-impl Maker {
-    fn path(&self, ino: Ino) -> PathBuf {
-        crate::shard_path(&self.root, ino)
-    }
-}
-
-/// After a failed top-up the thread rests this long, so a full flash filesystem does not
-/// fail (and log) at every create; creates meanwhile make their own backing files.
-const REST_AFTER_ERROR: Duration = Duration::from_secs(10);
-
 impl Prepared {
-    pub(crate) fn new() -> Prepared {
+    pub(crate) fn new(root: PathBuf, spares: Arc<Spares>) -> Prepared {
         Prepared {
             ready: parking_lot::Mutex::new(VecDeque::new()),
             want: AtomicUsize::new(0),
             reserve: OnceLock::new(),
             busy: parking_lot::Mutex::new(()),
-            wake: OnceLock::new(),
+            root,
+            spares,
+            refill: Refill::new("cfs-prepare"),
         }
     }
 
     /// Keeps about `count` files ready from now on, under numbers from `reserve`. Only the
     /// first call takes effect.
-    pub(crate) fn start(self: &Arc<Self>, count: usize, reserve: Reserve, maker: Maker) {
+    pub(crate) fn start(self: &Arc<Self>, count: usize, reserve: Reserve) {
         if count == 0 || self.reserve.set(reserve).is_err() {
             return;
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let weak = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("cfs-prepare".into())
-            .spawn(move || run(&weak, &rx, &maker));
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start preparing backing files: {e}; creates make their own");
-            return;
-        }
-        let _ = self.wake.set(tx);
         self.want.store(count, Ordering::Relaxed);
-        self.poke();
+        self.refill.poke(self, Prepared::top_up);
     }
 
     /// The next prepared file and its inode number, or `None` when none is ready.
-    pub(crate) fn take(&self) -> Option<(Ino, File)> {
+    pub(crate) fn take(self: &Arc<Self>) -> Option<(Ino, File)> {
         let want = self.want.load(Ordering::Relaxed);
         if want == 0 {
             return None;
@@ -110,7 +86,7 @@ impl Prepared {
             (ready.pop_front(), ready.len())
         };
         if left <= want / 4 {
-            self.poke();
+            self.refill.poke(self, Prepared::top_up);
         }
         got
     }
@@ -121,28 +97,21 @@ impl Prepared {
 
     /// Stops preparing and gives every unused prepared file back as a spare (or unlinks
     /// it). Returns how many there were.
-    pub(crate) fn release(&self, maker: &Maker) -> io::Result<usize> {
+    pub(crate) fn release(&self) -> io::Result<usize> {
         self.want.store(0, Ordering::Relaxed);
         drop(self.busy.lock());
         let unused: Vec<_> = self.ready.lock().drain(..).collect();
         let n = unused.len();
         for (ino, file) in unused {
             drop(file);
-            remove_backing(&maker.spares, &maker.path(ino))?;
+            remove_backing(&self.spares, &crate::shard_path(&self.root, ino))?;
         }
         Ok(n)
     }
 
-    fn poke(&self) {
-        if let Some(tx) = self.wake.get() {
-            // Full: a wake-up is already pending.
-            let _ = tx.try_send(());
-        }
-    }
-
     /// Prepares files until `want` are ready. A file made after [`Prepared::release`]
     /// began is given back at once.
-    fn top_up(&self, maker: &Maker) -> io::Result<usize> {
+    fn top_up(&self) -> io::Result<usize> {
         let Some(reserve) = self.reserve.get() else {
             return Ok(0);
         };
@@ -156,40 +125,18 @@ impl Prepared {
         let first = reserve(n);
         let mut made = 0;
         for ino in first..first + n {
-            let path = maker.path(ino);
-            let file = create_backing(&maker.spares, &path)?;
+            let path = crate::shard_path(&self.root, ino);
+            let file = create_backing(&self.spares, &path)?;
             let mut ready = self.ready.lock();
             if self.want.load(Ordering::Relaxed) == 0 {
                 drop(ready);
                 drop(file);
-                remove_backing(&maker.spares, &path)?;
+                remove_backing(&self.spares, &path)?;
                 return Ok(made);
             }
             ready.push_back((ino, file));
             made += 1;
         }
         Ok(made)
-    }
-}
-
-/// The preparing thread: tops the files up at each wake-up, and ends once the last
-/// `Prepared` is dropped.
-fn run(prepared: &Weak<Prepared>, wake: &Receiver<()>, maker: &Maker) {
-    while wake.recv().is_ok() {
-        let Some(strong) = prepared.upgrade() else {
-            return;
-        };
-        let made = strong.top_up(maker);
-        drop(strong);
-        match made {
-            Ok(made) => tracing::trace!("{made} backing files prepared for creates"),
-            Err(e) => {
-                tracing::warn!(
-                    "preparing backing files: {e}; creates make their own, retrying in {} s",
-                    REST_AFTER_ERROR.as_secs()
-                );
-                std::thread::sleep(REST_AFTER_ERROR);
-            }
-        }
     }
 }

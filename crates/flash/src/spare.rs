@@ -13,9 +13,9 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+
+use crate::refill::Refill;
 
 /// The spares' directory, beside the 256 shards.
 pub(crate) const DIR: &str = "spare";
@@ -49,9 +49,8 @@ pub(crate) struct Spares {
     no_tmpfile: AtomicBool,
     /// How many spares the filler keeps ready; 0 (the default) means no filler.
     ready: AtomicUsize,
-    /// Wakes the filler thread, started by [`Spares::keep_ready`]. Dropping it (with the last
-    /// `Spares`) ends the thread.
-    filler: OnceLock<SyncSender<()>>,
+    /// The filler thread, started by [`Spares::keep_ready`]; it ends with the last `Spares`.
+    filler: Refill,
 }
 
 impl Spares {
@@ -63,7 +62,7 @@ impl Spares {
             next_name: AtomicU64::new(0),
             no_tmpfile: AtomicBool::new(false),
             ready: AtomicUsize::new(0),
-            filler: OnceLock::new(),
+            filler: Refill::new("cfs-spares"),
         }
     }
 
@@ -170,19 +169,7 @@ impl Spares {
 
     /// Asks the filler thread (started on first use) to top the spares up.
     fn wake_filler(self: &Arc<Self>) {
-        let tx = self.filler.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let spares = Arc::downgrade(self);
-            let spawned = std::thread::Builder::new()
-                .name("cfs-spares".into())
-                .spawn(move || fill(&spares, &rx));
-            if let Err(e) = spawned {
-                tracing::warn!("cannot start the spare filler: {e}; creates allocate inline");
-            }
-            tx
-        });
-        // Full: a wake-up is already pending. Disconnected: the thread could not start.
-        let _ = tx.try_send(());
+        self.filler.poke(self, Spares::top_up);
     }
 
     /// Creates empty spares until `ready` are listed. Each one is empty before it is listed,
@@ -250,33 +237,6 @@ impl Spares {
         self.next_name
             .store(highest.map_or(0, |n| n + 1), Ordering::Relaxed);
         Ok(free)
-    }
-}
-
-/// After a failed top-up the filler rests this long: a full flash filesystem would otherwise
-/// fail (and log) once per create.
-const REST_AFTER_ERROR: Duration = Duration::from_secs(10);
-
-/// The filler thread: tops the spares up at each wake-up, and ends once they are dropped.
-fn fill(spares: &Weak<Spares>, wake: &Receiver<()>) {
-    while wake.recv().is_ok() {
-        let Some(strong) = spares.upgrade() else {
-            return;
-        };
-        let made = strong.top_up();
-        drop(strong);
-        match made {
-            Ok(made) => tracing::debug!("spare filler: {made} new empty backing files"),
-            // A full or read-only flash filesystem: creates allocate inline (and fail there
-            // with the error the caller needs); wake-ups meanwhile wait in the channel.
-            Err(e) => {
-                tracing::warn!(
-                    "spare filler: {e}; creates allocate their own backing files, retrying in {} s",
-                    REST_AFTER_ERROR.as_secs()
-                );
-                std::thread::sleep(REST_AFTER_ERROR);
-            }
-        }
     }
 }
 

@@ -103,16 +103,11 @@ impl ClaudeFs {
             rdev,
             target,
         } = node;
-        // A regular file takes a backing file prepared in advance with its inode number,
-        // when one is ready: no flash I/O on the request path.
         let (ino, file) = match kind {
-            FileKind::File => match self.flash.take_prepared() {
-                Some((ino, file)) => (ino, Some(file)),
-                None => {
-                    let ino = self.meta.alloc_ino();
-                    (ino, Some(self.flash.create(ino)?))
-                }
-            },
+            FileKind::File => {
+                let (ino, file) = self.flash.create_next(|| self.meta.alloc_ino())?;
+                (ino, Some(file))
+            }
             _ => (self.meta.alloc_ino(), None),
         };
         let caller = if mode & 0o2000 != 0 {
