@@ -198,8 +198,23 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     config.clone_fd = true;
 
     let live = fs.live();
-    let mut session = fuser::Session::new(fs, mountpoint, &config)
-        .with_context(|| format!("cannot mount {}", mountpoint.display()))?;
+    // The control socket is up before the mount: `cfs mount --background` returns once the
+    // kernel handshake is done (inside `Session::new`), and `cfs status` must answer then.
+    crate::control::serve(
+        &dir.socket_path(),
+        Arc::clone(&live),
+        tier.as_ref().map(|t| t.live_stats()),
+        Arc::clone(&meta),
+        data_dir.to_path_buf(),
+        mountpoint.to_path_buf(),
+    )?;
+    let mut session = match fuser::Session::new(fs, mountpoint, &config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(dir.socket_path());
+            return Err(e).with_context(|| format!("cannot mount {}", mountpoint.display()));
+        }
+    };
     live.set_notifier(session.notifier());
     tracing::info!(mountpoint = %mountpoint.display(), data_dir = %data_dir.display(), "mounted");
     if let Some(hint) = slow_wakeups {
@@ -211,14 +226,6 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
             BusyPoll::Micros(_) => {}
         }
     }
-    crate::control::serve(
-        &dir.socket_path(),
-        live,
-        tier.as_ref().map(|t| t.live_stats()),
-        Arc::clone(&meta),
-        data_dir.to_path_buf(),
-        mountpoint.to_path_buf(),
-    )?;
 
     spawn_flusher(Arc::clone(&meta));
     let mut unmounter = session.unmount_callable();
