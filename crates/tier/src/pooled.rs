@@ -6,11 +6,18 @@
 //! from a small pool, and a GET body is copied into one chunk by chunk as it arrives, so its
 //! chunks are not all held until the end.
 //!
-//! Tried and left out, with `scripts/bench --only tier`: keeping 12 idle buffers instead of
-//! 2 made no measurable difference to the daemon's CPU during a 2 GiB cold read (287 to 470
-//! ticks, against 276 to 457 before). Huge pages (`MADV_HUGEPAGE`) under GET buffers halved
+//! A sequential cold read keeps up to four GETs in flight and six fetched blobs for its
+//! reader: GETs finish in bursts, each dropping an old blob, and start in bursts. With two
+//! idle buffers kept, 13 of a 2 GiB read's 32 GETs had to map and zero a fresh buffer
+//! (counted with bpftrace on mmap); page faults and zeroing were 14% of the daemon's CPU. So
+//! a burst's worth is kept while buffers are in use, and the extra ones go once they have
+//! been idle a few seconds: an idle mount pins no more than before.
+//!
+//! Tried and left out, with `scripts/bench --only tier`: Huge pages (`MADV_HUGEPAGE`) under GET buffers halved
 //! it in some runs, but nearly tripled it in a run with the bench's other targets mounted
 //! (1,135 ticks for a 4 GiB cold read, against 461 without), and slowed uploads.
+
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -20,17 +27,30 @@ use crate::key::BLOB_SIZE;
 /// `O_DIRECT` (which wants buffer, offset and length aligned to the device's blocks).
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// Most idle buffers kept: what they pin (64 MiB each) stays resident while the mount idles.
-/// Few: the pool only has to bridge a buffer being dropped (a blob written to flash and
-/// read) and the next GET or upload starting.
-const IDLE_MAX: usize = 2;
+/// Most idle buffers kept while buffers are in use: a burst of GETs ending (each dropping an
+/// old blob) followed by a burst starting.
+const IDLE_MAX: usize = 8;
+
+/// Idle buffers kept however long they stay idle: what they pin (64 MiB each) stays resident
+/// while the mount idles.
+const IDLE_KEEP: usize = 2;
+
+/// How long the buffers beyond [`IDLE_KEEP`] stay idle before they are freed.
+const IDLE_LINGER: Duration = Duration::from_secs(5);
 
 /// Bytes a pooled buffer holds: a blob, and room to start it at an aligned address.
 const BUFFER_CAPACITY: usize = BLOB_SIZE as usize + DIRECT_ALIGN;
 
-/// Idle blob-sized buffers, their pages already mapped.
+/// Idle blob-sized buffers, their pages already mapped, each with when it went idle (the
+/// most recent last).
 struct Pool {
-    idle: parking_lot::Mutex<Vec<Vec<u8>>>,
+    idle: parking_lot::Mutex<Vec<(Vec<u8>, Instant)>>,
+}
+
+/// Frees the idle buffers beyond the few kept for good once they have lingered; called
+/// periodically, so that an idle mount gives back what a burst of reads left.
+pub(crate) fn trim_idle() {
+    POOL.trim(Instant::now());
 }
 
 /// The daemon's one pool, shared by GETs and by the uploader's reads of blobs off flash.
@@ -44,7 +64,7 @@ impl Pool {
     }
 
     fn take(&'static self) -> PooledBuffer {
-        let idle = self.idle.lock().pop();
+        let idle = self.idle.lock().pop().map(|(buf, _)| buf);
         let mut buf = idle.unwrap_or_else(|| Vec::with_capacity(BUFFER_CAPACITY));
         // Within the capacity, so the buffer never moves and `start` stays aligned. A buffer
         // from the pool has its padding already.
@@ -66,8 +86,23 @@ impl Pool {
         buf.truncate(start);
         let mut idle = self.idle.lock();
         if idle.len() < IDLE_MAX {
-            idle.push(buf);
+            idle.push((buf, Instant::now()));
         }
+    }
+
+    /// Drops the buffers beyond [`IDLE_KEEP`] that went idle more than [`IDLE_LINGER`]
+    /// before `now`: the oldest, at the front. Freed outside the lock.
+    fn trim(&self, now: Instant) {
+        let freed: Vec<_> = {
+            let mut idle = self.idle.lock();
+            let stale = idle
+                .iter()
+                .take(idle.len().saturating_sub(IDLE_KEEP))
+                .take_while(|(_, at)| now.saturating_duration_since(*at) > IDLE_LINGER)
+                .count();
+            idle.drain(..stale).collect()
+        };
+        drop(freed);
     }
 
     #[cfg(test)]
@@ -260,6 +295,24 @@ mod tests {
         drop(held);
         assert_eq!(pool.idle(), IDLE_MAX, "the pool keeps at most its maximum");
         drop(again);
+    }
+
+    #[test]
+    fn lingering_idle_buffers_are_freed_down_to_the_few_kept() {
+        let pool: &'static Pool = Box::leak(Box::new(Pool::new()));
+        let held: Vec<PooledBuffer> = (0..IDLE_MAX).map(|_| pool.take()).collect();
+        drop(held);
+        assert_eq!(pool.idle(), IDLE_MAX);
+        pool.trim(Instant::now());
+        assert_eq!(
+            pool.idle(),
+            IDLE_MAX,
+            "buffers idle for less than the linger stay"
+        );
+        pool.trim(Instant::now() + IDLE_LINGER + Duration::from_secs(1));
+        assert_eq!(pool.idle(), IDLE_KEEP, "the rest go once they lingered");
+        pool.trim(Instant::now() + 100 * IDLE_LINGER);
+        assert_eq!(pool.idle(), IDLE_KEEP, "the few kept stay however long");
     }
 
     #[test]

@@ -381,6 +381,8 @@ impl Uploader {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "upload pass failed; retrying later");
             }
+            // The passes are this daemon's heartbeat: buffers a burst of reads left idle go.
+            crate::pooled::trim_idle();
             if self.stats.files_held.load(Ordering::Relaxed) > 0 {
                 // Files are held back; the kicks of a busy filesystem must not turn into a
                 // pass per change that only finds them held again.
