@@ -12,6 +12,7 @@
 //! allocates one, which made each create under churn cost hundreds of microseconds.
 
 mod moves;
+pub mod origin;
 mod prepared;
 mod refill;
 mod spare;

@@ -274,8 +274,12 @@ fn link_new_tmpfile(dir: &Path, dest: &Path) -> io::Result<()> {
     })
 }
 
+/// Empties a spare, and drops the origin record of the file it backed: renamed into place
+/// for another file, it must not carry a create that is not that file's.
 fn empty(path: &Path) -> io::Result<()> {
-    OpenOptions::new().write(true).open(path)?.set_len(0)
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(0)?;
+    crate::origin::clear(&file)
 }
 
 #[cfg(test)]
