@@ -9,6 +9,7 @@ pub mod acl;
 mod apply;
 mod blobs;
 mod checkpoint;
+mod cover;
 mod error;
 mod op;
 mod oplog;
@@ -20,6 +21,7 @@ mod types;
 
 pub use apply::XATTR_SIZE_MAX;
 pub use checkpoint::{CHECKPOINT_VERSION, Checkpoint, CheckpointCounts};
+pub use cover::FsyncPlan;
 pub use error::{MetaError, Result};
 pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
 pub use oplog::{LOG_VERSION, LogSegment, decode_log_segment, encode_log_segment};

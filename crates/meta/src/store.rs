@@ -44,6 +44,9 @@ pub struct MetaStore {
     barrier: parking_lot::RwLock<Option<std::sync::Arc<dyn DataBarrier>>>,
     /// Held shared while such data is written and described, exclusively by `sync`.
     gate: parking_lot::RwLock<()>,
+    /// Namespace changes since the last durable commit, for `fsync_plan`; locked inside
+    /// `pending` where both are.
+    covers: parking_lot::Mutex<crate::cover::Covers>,
 }
 
 /// Data that metadata describes but that lives outside the store (blobs written back to
@@ -194,6 +197,7 @@ impl MetaStore {
                 applied_seq: AtomicU64::new(seq),
                 durable_seq: AtomicU64::new(seq),
                 sync_lock: Mutex::new(()),
+                covers: Default::default(),
                 pending: Mutex::new(None),
                 has_pending: AtomicBool::new(false),
                 barrier: Default::default(),
@@ -276,6 +280,12 @@ impl MetaStore {
             }
         };
         let commit = self.committed.fetch_add(1, Ordering::Release) + 1;
+        {
+            let mut covers = self.covers.lock();
+            for op in ops {
+                covers.note(op);
+            }
+        }
         if ops.iter().any(|op| !op.is_bookkeeping()) {
             self.namespace_committed
                 .fetch_max(commit, Ordering::Release);
@@ -373,6 +383,7 @@ impl MetaStore {
             txn.set_durability(Durability::Immediate)?;
             txn.commit()?;
         }
+        self.covers.lock().durable();
         drop(pending);
         self.durable.fetch_max(covered, Ordering::Release);
         self.durable_seq.fetch_max(covered_seq, Ordering::Release);
@@ -390,6 +401,69 @@ impl MetaStore {
             return Ok(());
         }
         self.sync()
+    }
+
+    /// What an `fsync` of regular file `ino` needs beyond its data's flush (see
+    /// [`crate::FsyncPlan`]).
+    pub fn fsync_plan(&self, ino: Ino) -> crate::FsyncPlan {
+        self.covers.lock().plan(ino)
+    }
+
+    /// The origin record that [`MetaStore::fsync_plan`] handed out for `ino` is durable.
+    pub fn covered(&self, ino: Ino, epoch: u64) {
+        self.covers.lock().covered(ino, epoch);
+    }
+
+    /// Creates file `ino` again from the origin record of its backing file, after a crash
+    /// lost its create from the store (an `fsync` made it durable through that record; see
+    /// [`crate::FsyncPlan::Cover`]). Returns the name it got: its own, or, should a file of
+    /// that name exist (which the rules of `fsync_plan` rule out, but nothing is thrown away
+    /// on a guess), `NAME.cfs-recovered-INO`. `None`: the record does not describe this
+    /// file, or its directory is gone; the caller treats the backing file as a stray.
+    pub fn recover_create(&self, ino: Ino, record: &[u8]) -> Result<Option<Vec<u8>>> {
+        let Some(Op::Create {
+            parent,
+            name,
+            ino: _,
+            kind,
+            perm,
+            umask,
+            rdev,
+            target,
+            caller,
+            now,
+        }) = crate::cover::decode(ino, record)
+        else {
+            return Ok(None);
+        };
+        match self.inode(parent) {
+            Ok(dir) if dir.kind == crate::FileKind::Dir => {}
+            Ok(_) | Err(MetaError::NotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let name = match self.lookup(parent, &name) {
+            Err(MetaError::NotFound) => name,
+            Err(e) => return Err(e),
+            Ok(_) => {
+                let suffix = format!(".cfs-recovered-{ino}").into_bytes();
+                let keep = crate::NAME_MAX.saturating_sub(suffix.len()).min(name.len());
+                [&name[..keep], &suffix[..]].concat()
+            }
+        };
+        self.execute(&Op::Create {
+            parent,
+            name: name.clone(),
+            ino,
+            kind,
+            perm,
+            umask,
+            rdev,
+            target,
+            caller,
+            now,
+        })?;
+        self.next_ino.fetch_max(ino + 1, Ordering::Relaxed);
+        Ok(Some(name))
     }
 
     /// Registers the data that durable commits must wait for (see [`DataBarrier`]).

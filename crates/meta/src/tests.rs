@@ -2871,3 +2871,73 @@ fn sync_namespace_waits_for_the_namespace_and_not_for_bookkeeping() {
     s.sync_namespace().expect("sync");
     assert!(!s.has_unsynced());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Creates made durable by an origin record (an fsync of a new file without a commit)
+// ---------------------------------------------------------------------------------------------
+
+/// The record an fsync of the just-created file `ino` writes into its backing file.
+fn origin_record(s: &MetaStore, ino: Ino) -> Vec<u8> {
+    match s.fsync_plan(ino) {
+        FsyncPlan::Cover { record, .. } => record,
+        other => panic!("expected a cover for {ino}, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_create_comes_back_from_its_origin_record_into_a_store_that_lost_it() {
+    let (_d, before) = store();
+    let f = create(&before, ROOT_INO, "kept", FileKind::File).expect("create");
+    let record = origin_record(&before, f.ino);
+    let dir = create(&before, ROOT_INO, "sub", FileKind::Dir).expect("mkdir");
+    assert_eq!(
+        before.fsync_plan(f.ino),
+        FsyncPlan::Commit,
+        "a mkdir is pending too"
+    );
+
+    // Another store stands for this one after a crash that lost both creates.
+    let (_d2, after) = store();
+    assert_eq!(
+        after.recover_create(f.ino + 1, &record).expect("recover"),
+        None,
+        "not this file's record"
+    );
+    let name = after.recover_create(f.ino, &record).expect("recover");
+    assert_eq!(name.as_deref(), Some(&b"kept"[..]));
+    let back = lookup(&after, ROOT_INO, "kept");
+    assert_eq!(
+        (back.ino, back.kind, back.perm),
+        (f.ino, FileKind::File, f.perm)
+    );
+    assert_eq!((back.uid, back.gid, back.mtime), (f.uid, f.gid, f.mtime));
+    assert!(
+        after.alloc_ino() > f.ino,
+        "numbers are not handed out again"
+    );
+
+    // A name taken meanwhile (not possible under the fsync rules, but nothing is dropped).
+    before.sync().expect("sync");
+    assert_eq!(
+        before.fsync_plan(f.ino),
+        FsyncPlan::DataOnly,
+        "everything is durable"
+    );
+    let g = create(&before, dir.ino, "x", FileKind::File).expect("create");
+    let in_sub = origin_record(&before, g.ino);
+    assert_eq!(
+        after.recover_create(g.ino, &in_sub).expect("recover"),
+        None,
+        "its directory is gone"
+    );
+    let h = create(&before, ROOT_INO, "kept", FileKind::File);
+    assert!(h.is_err(), "the name is taken in the first store");
+    let (_d3, third) = store();
+    third
+        .execute(&create_op(ROOT_INO, "kept", 1000, FileKind::File))
+        .expect("create");
+    let renamed = third.recover_create(f.ino, &record).expect("recover");
+    let want = format!("kept.cfs-recovered-{}", f.ino).into_bytes();
+    assert_eq!(renamed, Some(want.clone()));
+    assert_eq!(third.lookup(ROOT_INO, &want).expect("lookup").ino, f.ino);
+}
