@@ -111,7 +111,7 @@ impl DataDir {
                 purged += 1;
             }
         }
-        let (mut stray, mut resized) = (0, 0);
+        let (mut stray, mut resized, mut recreated) = (0, 0, 0);
         if !clean {
             let mut files = std::collections::HashMap::new();
             meta.for_each_inode(|inode| {
@@ -124,8 +124,17 @@ impl DataDir {
                 match entry {
                     Ok(cfs_flash::BackingFile { ino, size, .. }) => match files.get(&ino) {
                         None => {
-                            flash.remove(ino)?;
-                            stray += 1;
+                            if let Some(name) = recreate(meta, flash, ino, tier)? {
+                                tracing::info!(
+                                    ino,
+                                    name = %String::from_utf8_lossy(&name),
+                                    "file created again from its backing file's origin record: its fsync returned before the crash, its create in the metadata store was not yet durable"
+                                );
+                                recreated += 1;
+                            } else {
+                                flash.remove(ino)?;
+                                stray += 1;
+                            }
                         }
                         Some(&(size_then, mtime_then)) => {
                             let md = flash.metadata(ino)?;
@@ -156,10 +165,11 @@ impl DataDir {
             }
         }
         meta.sync()?;
-        if purged + stray + resized > 0 || !clean {
+        if purged + stray + resized + recreated > 0 || !clean {
             tracing::info!(
                 clean,
                 purged,
+                files_recreated = recreated,
                 stray_backing_files = stray,
                 files_changed = resized,
                 "recovery done"
@@ -173,6 +183,35 @@ impl DataDir {
         std::fs::write(self.clean_marker(), b"")?;
         Ok(())
     }
+}
+
+/// Creates file `ino` again from its backing file's origin record, if it has one that still
+/// fits the namespace (see `cfs_flash::origin`), with the size and times of the backing file,
+/// queued for upload with a tier. The name it got, or `None`: a stray.
+fn recreate(meta: &MetaStore, flash: &FlashDir, ino: u64, tier: bool) -> Result<Option<Vec<u8>>> {
+    let record = match cfs_flash::origin::get(&flash.path(ino)) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(ino, error = %e, "cannot read a backing file's origin record");
+            return Ok(None);
+        }
+    };
+    let Some(name) = meta.recover_create(ino, &record)? else {
+        return Ok(None);
+    };
+    let d = cfs_fuse::DataAttr::from_metadata(&flash.metadata(ino)?);
+    meta.execute(&Op::SyncData {
+        ino,
+        size: d.size,
+        atime: d.atime,
+        mtime: d.mtime,
+        ctime: d.ctime,
+    })?;
+    if tier {
+        meta.execute(&Op::MarkDirty { ino })?;
+    }
+    Ok(Some(name))
 }
 
 /// Which object store holds this filesystem's blobs. Written at the first mount (or by

@@ -102,6 +102,9 @@ pub struct Live {
     pub(crate) passthrough: AtomicBool,
     /// Set at `init` when the kernel offers zero-message opendir (see `opendir`).
     pub(crate) no_opendir: AtomicBool,
+    /// Set for good when the flash filesystem refuses an origin record (no `user.`
+    /// xattrs): fsyncs of new files then commit the metadata store instead.
+    pub(crate) no_origin: AtomicBool,
     /// The busy-poll thread's window in microseconds, set when it starts; 0: none.
     pub(crate) busy_poll_us: AtomicU64,
     pub(crate) handles: Handles,
@@ -316,6 +319,28 @@ impl ClaudeFs {
     /// [`ClaudeFs::kill_privileges`]).
     pub(crate) fn is_set_id(&self, ino: u64) -> FsResult<bool> {
         Ok(without_set_id(&self.meta.inode(ino)?).is_some())
+    }
+
+    /// Writes `record` as the origin of the backing file `file` (see `cfs_flash::origin`);
+    /// false if it cannot, and the fsync must commit the metadata store instead.
+    pub(crate) fn covers_by_origin(&self, file: &std::fs::File, record: &[u8]) -> bool {
+        if self.live.no_origin.load(Ordering::Relaxed) {
+            return false;
+        }
+        match cfs_flash::origin::set(file, record) {
+            Ok(()) => true,
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    self.live.no_origin.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        "the flash filesystem has no user xattrs: an fsync of a new file commits the metadata store"
+                    );
+                } else {
+                    tracing::warn!(error = %e, "cannot write a backing file's origin record; committing the metadata store instead");
+                }
+                false
+            }
+        }
     }
 
     /// Queues the file for upload, if there is an object tier.

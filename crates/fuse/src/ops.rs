@@ -4,9 +4,11 @@
 use crate::caller::{caller, caller_with_groups};
 use crate::errno::{FsError, FsResult};
 use crate::fs::ClaudeFs;
-use crate::sync_beside::sync_beside;
+use crate::sync_beside::{flush as flush_file, sync_beside};
 use cfs_flash::Change;
-use cfs_meta::{FileKind, Inode, Op, Outcome, RenameMode, SetAttr, Timestamp, XattrMode, acl};
+use cfs_meta::{
+    FileKind, FsyncPlan, Inode, Op, Outcome, RenameMode, SetAttr, Timestamp, XattrMode, acl,
+};
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -1018,16 +1020,28 @@ impl Filesystem for ClaudeFs {
                 h.file.sync_data()?;
                 return Ok(());
             }
-            // The data and the metadata that records it are made durable side by side, so
-            // the caller waits for one device flush, not two in a row. Their order does not
-            // matter: until this returns nothing is promised, and after a crash recovery
-            // takes sizes and times from the backing files. For the same reason the size and
-            // times just recorded need not be durable: only the namespace does (the file's
+            // The size and times just recorded need not be durable: after a crash recovery
+            // takes them from the backing files. Only the namespace must be (the file's
             // creation, a chmod, an xattr), and when none of it is pending, a database's
             // fsyncs of its own files cost the data's flush alone.
-            let (data, meta) = sync_beside(&h.file, datasync, || self.meta.sync_namespace());
-            data?;
-            meta?;
+            match self.meta.fsync_plan(ino.0) {
+                FsyncPlan::DataOnly => flush_file(&h.file, datasync)?,
+                FsyncPlan::Cover { record, epoch } if self.covers_by_origin(&h.file, &record) => {
+                    // The file's creation is all that is pending: its record rides in the
+                    // inode write of the file's own flush (see `cfs_flash::origin`).
+                    h.file.sync_all()?;
+                    self.meta.covered(ino.0, epoch);
+                }
+                FsyncPlan::Cover { .. } | FsyncPlan::Commit => {
+                    // The data and the metadata that records it are made durable side by
+                    // side, so the caller waits for one flush time, not two in a row. Their
+                    // order does not matter: until this returns nothing is promised.
+                    let (data, meta) =
+                        sync_beside(&h.file, datasync, || self.meta.sync_namespace());
+                    data?;
+                    meta?;
+                }
+            }
             h.durable_size.store(size, Ordering::Relaxed);
             Ok(())
         })();

@@ -51,7 +51,8 @@ pub(crate) fn sync_beside<T>(
     })
 }
 
-fn flush(file: &File, datasync: bool) -> io::Result<()> {
+/// `fdatasync` when `datasync`, else `fsync`.
+pub(crate) fn flush(file: &File, datasync: bool) -> io::Result<()> {
     if datasync {
         file.sync_data()
     } else {
