@@ -143,18 +143,8 @@ impl DataDir {
                                 continue;
                             }
                             // Written after its metadata was last recorded (passthrough
-                            // writes before the crash): record it and, with an object tier,
-                            // queue it for upload.
-                            meta.execute(&Op::SyncData {
-                                ino,
-                                size: d.size,
-                                atime: d.atime,
-                                mtime: d.mtime,
-                                ctime: d.ctime,
-                            })?;
-                            if tier {
-                                meta.execute(&Op::MarkDirty { ino })?;
-                            }
+                            // writes before the crash).
+                            record_backing_file(meta, ino, &d, tier)?;
                             resized += 1;
                         }
                     },
@@ -201,6 +191,18 @@ fn recreate(meta: &MetaStore, flash: &FlashDir, ino: u64, tier: bool) -> Result<
         return Ok(None);
     };
     let d = cfs_fuse::DataAttr::from_metadata(&flash.metadata(ino)?);
+    record_backing_file(meta, ino, &d, tier)?;
+    Ok(Some(name))
+}
+
+/// Records the size and times of `ino`'s backing file as its own and, with an object tier,
+/// queues it for upload: what recovery does for data the store has not recorded yet.
+fn record_backing_file(
+    meta: &MetaStore,
+    ino: u64,
+    d: &cfs_fuse::DataAttr,
+    tier: bool,
+) -> Result<()> {
     meta.execute(&Op::SyncData {
         ino,
         size: d.size,
@@ -211,7 +213,7 @@ fn recreate(meta: &MetaStore, flash: &FlashDir, ino: u64, tier: bool) -> Result<
     if tier {
         meta.execute(&Op::MarkDirty { ino })?;
     }
-    Ok(Some(name))
+    Ok(())
 }
 
 /// Which object store holds this filesystem's blobs. Written at the first mount (or by

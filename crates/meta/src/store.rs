@@ -421,49 +421,30 @@ impl MetaStore {
     /// on a guess), `NAME.cfs-recovered-INO`. `None`: the record does not describe this
     /// file, or its directory is gone; the caller treats the backing file as a stray.
     pub fn recover_create(&self, ino: Ino, record: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some(Op::Create {
-            parent,
-            name,
-            ino: _,
-            kind,
-            perm,
-            umask,
-            rdev,
-            target,
-            caller,
-            now,
-        }) = crate::cover::decode(ino, record)
-        else {
+        let Some(mut op) = crate::cover::decode(ino, record) else {
             return Ok(None);
         };
-        match self.inode(parent) {
+        let Op::Create { parent, name, .. } = &mut op else {
+            return Ok(None);
+        };
+        match self.inode(*parent) {
             Ok(dir) if dir.kind == crate::FileKind::Dir => {}
             Ok(_) | Err(MetaError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
         }
-        let name = match self.lookup(parent, &name) {
-            Err(MetaError::NotFound) => name,
+        match self.lookup(*parent, name) {
+            Err(MetaError::NotFound) => {}
             Err(e) => return Err(e),
             Ok(_) => {
                 let suffix = format!(".cfs-recovered-{ino}").into_bytes();
-                let keep = crate::NAME_MAX.saturating_sub(suffix.len()).min(name.len());
-                [&name[..keep], &suffix[..]].concat()
+                name.truncate(crate::NAME_MAX.saturating_sub(suffix.len()));
+                name.extend_from_slice(&suffix);
             }
-        };
-        self.execute(&Op::Create {
-            parent,
-            name: name.clone(),
-            ino,
-            kind,
-            perm,
-            umask,
-            rdev,
-            target,
-            caller,
-            now,
-        })?;
+        }
+        let chosen = name.clone();
+        self.execute(&op)?;
         self.next_ino.fetch_max(ino + 1, Ordering::Relaxed);
-        Ok(Some(name))
+        Ok(Some(chosen))
     }
 
     /// Registers the data that durable commits must wait for (see [`DataBarrier`]).
