@@ -178,7 +178,12 @@ impl DataDir {
 /// Creates file `ino` again from its backing file's origin record, if it has one that still
 /// fits the namespace (see `cfs_flash::origin`), with the size and times of the backing file,
 /// queued for upload with a tier. The name it got, or `None`: a stray.
-fn recreate(meta: &MetaStore, flash: &FlashDir, ino: u64, tier: bool) -> Result<Option<Vec<u8>>> {
+pub(crate) fn recreate(
+    meta: &MetaStore,
+    flash: &FlashDir,
+    ino: u64,
+    tier: bool,
+) -> Result<Option<Vec<u8>>> {
     let record = match cfs_flash::origin::get(&flash.path(ino)) {
         Ok(Some(record)) => record,
         Ok(None) => return Ok(None),

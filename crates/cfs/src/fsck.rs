@@ -85,6 +85,11 @@ enum Problem {
     StrayBacking {
         ino: Ino,
     },
+    /// A stray backing file with an origin record: a new file whose fsync made its create
+    /// durable through that record, and whose create the store lost in a crash.
+    Recreatable {
+        ino: Ino,
+    },
     UnknownFlashFile {
         path: std::path::PathBuf,
     },
@@ -140,6 +145,12 @@ impl std::fmt::Display for Problem {
             Problem::StrayBacking { ino } => {
                 write!(f, "backing file {ino:016x} belongs to no regular file")
             }
+            Problem::Recreatable { ino } => write!(
+                f,
+                "backing file {ino:016x} belongs to no regular file yet: its origin record \
+                 holds a create an fsync made durable (the next mount, or --repair, creates \
+                 the file again)"
+            ),
             Problem::UnknownFlashFile { path } => {
                 write!(f, "unknown file in flash dir: {}", path.display())
             }
@@ -300,7 +311,13 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
     }
     for &ino in backing.keys() {
         if inodes.get(&ino).is_none_or(|i| i.kind != FileKind::File) {
-            problems.push(Problem::StrayBacking { ino });
+            let recorded = !inodes.contains_key(&ino)
+                && matches!(cfs_flash::origin::get(&flash.path(ino)), Ok(Some(_)));
+            problems.push(if recorded {
+                Problem::Recreatable { ino }
+            } else {
+                Problem::StrayBacking { ino }
+            });
         }
     }
 
@@ -380,6 +397,18 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
         match p {
             Problem::StrayBacking { ino } => {
                 flash.remove(*ino)?;
+                fixed += 1;
+            }
+            Problem::Recreatable { ino } => {
+                // As a mount's recovery does; a record that no longer fits (its directory
+                // is gone) leaves a stray.
+                match crate::datadir::recreate(&meta, &flash, *ino, true)? {
+                    Some(name) => println!(
+                        "note: file {ino} created again from its origin record, as {}",
+                        String::from_utf8_lossy(&name)
+                    ),
+                    None => flash.remove(*ino)?,
+                }
                 fixed += 1;
             }
             Problem::MissingBacking { ino } => {
