@@ -70,6 +70,11 @@ impl Covers {
         self.other += 1;
     }
 
+    /// Whether a namespace change is not durable in the store (covered creates included).
+    pub(crate) fn pending(&self) -> bool {
+        self.other > 0 || !self.creates.is_empty()
+    }
+
     /// Everything applied so far is durable in the store.
     pub(crate) fn durable(&mut self) {
         self.epoch += 1;

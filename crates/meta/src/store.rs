@@ -23,9 +23,6 @@ pub struct MetaStore {
     next_ino: AtomicU64,
     /// Number of commits so far; `durable` is the value it had at the last durable commit.
     pub(crate) committed: AtomicU64,
-    /// The value `committed` took at the last commit with an operation that is not
-    /// bookkeeping (see [`Op::is_bookkeeping`]).
-    namespace_committed: AtomicU64,
     /// Number of those that changed the filesystem (not the log's own bookkeeping).
     pub(crate) changes: AtomicU64,
     durable: AtomicU64,
@@ -44,8 +41,8 @@ pub struct MetaStore {
     barrier: parking_lot::RwLock<Option<std::sync::Arc<dyn DataBarrier>>>,
     /// Held shared while such data is written and described, exclusively by `sync`.
     gate: parking_lot::RwLock<()>,
-    /// Namespace changes since the last durable commit, for `fsync_plan`; locked inside
-    /// `pending` where both are.
+    /// Namespace changes since the last durable commit, for `fsync_plan` and
+    /// `sync_namespace`; locked inside `pending` where both are.
     covers: parking_lot::Mutex<crate::cover::Covers>,
 }
 
@@ -191,7 +188,6 @@ impl MetaStore {
                 fs_id,
                 next_ino: AtomicU64::new(next_ino),
                 committed: AtomicU64::new(0),
-                namespace_committed: AtomicU64::new(0),
                 changes: AtomicU64::new(0),
                 durable: AtomicU64::new(0),
                 applied_seq: AtomicU64::new(seq),
@@ -279,16 +275,12 @@ impl MetaStore {
                 return Err(e);
             }
         };
-        let commit = self.committed.fetch_add(1, Ordering::Release) + 1;
+        self.committed.fetch_add(1, Ordering::Release);
         {
             let mut covers = self.covers.lock();
             for op in ops {
                 covers.note(op);
             }
-        }
-        if ops.iter().any(|op| !op.is_bookkeeping()) {
-            self.namespace_committed
-                .fetch_max(commit, Ordering::Release);
         }
         self.changes.fetch_add(ops.len() as u64, Ordering::Release);
         if let Some(seq) = last {
@@ -396,8 +388,7 @@ impl MetaStore {
     /// database rewriting its own files, this costs nothing, where [`MetaStore::sync`] would
     /// cost a second device flush beside the data's.
     pub fn sync_namespace(&self) -> Result<()> {
-        if self.durable.load(Ordering::Acquire) >= self.namespace_committed.load(Ordering::Acquire)
-        {
+        if !self.covers.lock().pending() {
             return Ok(());
         }
         self.sync()
