@@ -184,15 +184,33 @@ pub(crate) fn recreate(
     ino: u64,
     tier: bool,
 ) -> Result<Option<Vec<u8>>> {
-    let record = match cfs_flash::origin::get(&flash.path(ino)) {
-        Ok(Some(record)) => record,
-        Ok(None) => return Ok(None),
+    match origin_record(flash, ino) {
+        Some(record) => recreate_from(meta, flash, ino, &record, tier),
+        None => Ok(None),
+    }
+}
+
+/// The origin record of `ino`'s backing file, if it has one (a read error is logged and
+/// taken as none: the file is then a stray).
+pub(crate) fn origin_record(flash: &FlashDir, ino: u64) -> Option<Vec<u8>> {
+    match cfs_flash::origin::get(&flash.path(ino)) {
+        Ok(record) => record,
         Err(e) => {
             tracing::warn!(ino, error = %e, "cannot read a backing file's origin record");
-            return Ok(None);
+            None
         }
-    };
-    let Some(name) = meta.recover_create(ino, &record)? else {
+    }
+}
+
+/// [`recreate`] with the record already read.
+pub(crate) fn recreate_from(
+    meta: &MetaStore,
+    flash: &FlashDir,
+    ino: u64,
+    record: &[u8],
+    tier: bool,
+) -> Result<Option<Vec<u8>>> {
+    let Some(name) = meta.recover_create(ino, record)? else {
         return Ok(None);
     };
     let d = cfs_fuse::DataAttr::from_metadata(&flash.metadata(ino)?);

@@ -89,6 +89,7 @@ enum Problem {
     /// durable through that record, and whose create the store lost in a crash.
     Recreatable {
         ino: Ino,
+        record: Vec<u8>,
     },
     UnknownFlashFile {
         path: std::path::PathBuf,
@@ -145,7 +146,7 @@ impl std::fmt::Display for Problem {
             Problem::StrayBacking { ino } => {
                 write!(f, "backing file {ino:016x} belongs to no regular file")
             }
-            Problem::Recreatable { ino } => write!(
+            Problem::Recreatable { ino, .. } => write!(
                 f,
                 "backing file {ino:016x} belongs to no regular file yet: its origin record \
                  holds a create an fsync made durable (the next mount, or --repair, creates \
@@ -311,12 +312,14 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
     }
     for &ino in backing.keys() {
         if inodes.get(&ino).is_none_or(|i| i.kind != FileKind::File) {
-            let recorded = !inodes.contains_key(&ino)
-                && matches!(cfs_flash::origin::get(&flash.path(ino)), Ok(Some(_)));
-            problems.push(if recorded {
-                Problem::Recreatable { ino }
+            let record = if inodes.contains_key(&ino) {
+                None
             } else {
-                Problem::StrayBacking { ino }
+                crate::datadir::origin_record(&flash, ino)
+            };
+            problems.push(match record {
+                Some(record) => Problem::Recreatable { ino, record },
+                None => Problem::StrayBacking { ino },
             });
         }
     }
@@ -399,10 +402,10 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
                 flash.remove(*ino)?;
                 fixed += 1;
             }
-            Problem::Recreatable { ino } => {
+            Problem::Recreatable { ino, record } => {
                 // As a mount's recovery does; a record that no longer fits (its directory
                 // is gone) leaves a stray.
-                match crate::datadir::recreate(&meta, &flash, *ino, true)? {
+                match crate::datadir::recreate_from(&meta, &flash, *ino, record, true)? {
                     Some(name) => println!(
                         "note: file {ino} created again from its origin record, as {}",
                         String::from_utf8_lossy(&name)
