@@ -8,6 +8,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// `cfs fsck` of the (unmounted) mount's data dir finds it clean.
+fn assert_fsck_clean(m: &Mount) {
+    let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
+    assert!(
+        out.status.success(),
+        "fsck after crash and remount:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn content(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -118,13 +129,7 @@ fn kill9_during_writes_loses_nothing_fsynced() {
         // the new daemon's own prepared ones go back to the spares at unmount (fsck below).
         std::fs::write(m.path("after"), b"ok").expect("write after recovery");
         m.unmount();
-        let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
-        assert!(
-            out.status.success(),
-            "fsck after crash and remount:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_fsck_clean(&m);
     }
 }
 
@@ -163,12 +168,7 @@ fn kill9_after_fdatasync_of_a_rewrite_in_place_keeps_it() {
             "{mode:?}"
         );
         m.unmount();
-        let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
-        assert!(
-            out.status.success(),
-            "fsck after crash:\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_fsck_clean(&m);
     }
 }
 
@@ -250,13 +250,7 @@ fn kill9_after_fsyncs_of_new_files_keeps_them() {
         );
         std::fs::write(m.path("spool/after"), b"ok").expect("write after recovery");
         m.unmount();
-        let out = cfs(&["fsck", m.data_dir.to_str().expect("utf8")]);
-        assert!(
-            out.status.success(),
-            "fsck after crash:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_fsck_clean(&m);
     }
 }
 
