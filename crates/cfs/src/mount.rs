@@ -298,26 +298,21 @@ const READAHEAD_KB: u32 = 1024;
 /// Lets the kernel read ahead a whole FUSE read (1 MiB) on the daemon's data path (cold files
 /// and `--no-passthrough`). FUSE caps readahead at the device default of 128 KiB whatever the
 /// daemon asks for, so a sequential reader would cost eight requests per MiB; the cap is the
-/// mount's `read_ahead_kb` in sysfs, which root may raise. Done from a thread that first waits
-/// for the mount to answer (the kernel sets the cap while it handles our INIT reply, after
-/// this callback), and given up with a log line if sysfs refuses (not root).
+/// mount's `read_ahead_kb` in sysfs, which root may raise. The kernel lowers it to the
+/// `max_readahead` of our INIT reply (also 1 MiB) when it handles that reply, so the order of
+/// the two does not matter. The device is found in the mount table, not by a stat of the
+/// mountpoint: a stat would hold the mount busy while it waits for our own GETATTR reply,
+/// and an unmount right after the mount would then fail. Given up with a log line if sysfs
+/// refuses (not root).
 fn raise_readahead(mountpoint: PathBuf) {
     let spawned = std::thread::Builder::new()
         .name("cfs-readahead".into())
         .spawn(move || {
-            use std::os::unix::fs::MetadataExt;
-            let dev = match std::fs::metadata(&mountpoint) {
-                Ok(m) => m.dev(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "readahead left at the default: cannot stat the mount");
-                    return;
-                }
+            let Some(m) = crate::mounts::top_mount_at(&mountpoint) else {
+                tracing::debug!("readahead left at the default: the mount is not in the table");
+                return;
             };
-            let path = format!(
-                "/sys/class/bdi/{}:{}/read_ahead_kb",
-                libc::major(dev),
-                libc::minor(dev)
-            );
+            let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
             match std::fs::write(&path, format!("{READAHEAD_KB}\n")) {
                 Ok(()) => tracing::debug!(path, kb = READAHEAD_KB, "readahead raised"),
                 Err(e) => {
