@@ -176,7 +176,9 @@ fn kill9_after_fdatasync_of_a_rewrite_in_place_keeps_it() {
 /// does: each fsync makes the file's create durable through its backing file's origin record
 /// rather than a metadata commit. After `kill -9`, recovery must create every such file again,
 /// with its name, mode and bytes, and leave metadata fsck finds clean; a file created and
-/// chmod-ed before its fsync takes the metadata commit instead and is kept too.
+/// chmod-ed before its fsync takes the metadata commit instead and is kept too. A file created
+/// in between and never synced does not stop the later fsyncs from going by their records
+/// (it may be lost, as POSIX allows, but never comes back torn).
 #[test]
 fn kill9_after_fsyncs_of_new_files_keeps_them() {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -201,6 +203,9 @@ fn kill9_after_fsyncs_of_new_files_keeps_them() {
             if i == 20 {
                 f.set_permissions(std::fs::Permissions::from_mode(0o600))
                     .expect("chmod");
+            }
+            if i == 10 {
+                std::fs::write(m.path("spool/loose"), content(99, 3000)).expect("write");
             }
             f.sync_all().expect("fsync");
             want.push((path, data, if i == 20 { 0o600 } else { 0o640 }));
@@ -241,6 +246,10 @@ fn kill9_after_fsyncs_of_new_files_keeps_them() {
                 "{}",
                 path.display()
             );
+        }
+        match std::fs::read(m.path("spool/loose")) {
+            Ok(bytes) => assert_eq!(bytes, content(99, 3000), "{mode:?}: the unsynced file"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
         }
         let log = m.log_text();
         assert_eq!(
