@@ -1,5 +1,8 @@
 //! Dropping the kernel's cached pages behind a sequential reader of a cold file.
 //!
+//! A cold file opened read-only is direct I/O and cached by no one (see `ClaudeFs::open`);
+//! this is for a cold handle that may also write, which the kernel caches.
+//!
 //! A file read from the object store goes through the daemon, so the kernel keeps every page
 //! of it in its page cache until memory runs short. Streaming a cold file larger than memory
 //! would then push out every other file's cached pages, and the cache would grow by the

@@ -102,6 +102,8 @@ pub struct Live {
     pub(crate) passthrough: AtomicBool,
     /// Set at `init` when the kernel offers zero-message opendir (see `opendir`).
     pub(crate) no_opendir: AtomicBool,
+    /// Set at `init` when the kernel lets direct-I/O files be mmapped (see `open`).
+    pub(crate) direct_io_mmap: AtomicBool,
     /// Set for good when the flash filesystem refuses an origin record (no `user.`
     /// xattrs): fsyncs of new files then commit the metadata store instead.
     pub(crate) no_origin: AtomicBool,

@@ -21,6 +21,9 @@ pub struct Handle {
     /// Opened while some of the file's blobs were off flash: served by the daemon, which
     /// fetches each blob before the first access to it.
     pub cold: bool,
+    /// Opened for direct I/O (a cold file opened read-only; see `ClaudeFs::open`): the
+    /// kernel caches none of its reads, so there are no pages to drop behind its reader.
+    pub direct_io: bool,
     /// Where the next read starts if the reader is sequential (for prefetch).
     pub next_read: AtomicU64,
     /// The last blob index prefetched for this handle, plus one (0: none).

@@ -233,7 +233,26 @@ impl ClaudeFs {
         } else {
             self.live.daemon_opens.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::trace!(ino, cold, passthrough = backing.is_some(), writable, "open");
+        // A reader of a cold file gets direct I/O: its reads go from the daemon's blob
+        // buffers straight into the reader's buffer, not through pages of the kernel's cache.
+        // Filling fresh cache pages (each a host fault where freed memory goes back to the
+        // hypervisor) took most of the daemon's time in a cold read, and saves nothing later:
+        // the file's next open is passthrough, with the backing file's cache. A random reader
+        // that comes back to a blob has it fetched to flash after its second ranged read
+        // (see the tier's hydrator), so re-reads cost a round trip, not a GET. Only where the
+        // kernel still lets such a file be mmapped.
+        let direct_io = cold
+            && !writable
+            && backing.is_none()
+            && self.live.direct_io_mmap.load(Ordering::Relaxed);
+        tracing::trace!(
+            ino,
+            cold,
+            passthrough = backing.is_some(),
+            writable,
+            direct_io,
+            "open"
+        );
         let fh = self.live.handles.insert(crate::handles::Handle {
             ino,
             file,
@@ -241,6 +260,7 @@ impl ClaudeFs {
             written: Default::default(),
             backing: backing.clone(),
             cold,
+            direct_io,
             next_read: Default::default(),
             prefetched: Default::default(),
             dropped: Default::default(),
@@ -290,7 +310,7 @@ impl ClaudeFs {
                 tier.prefetch(h.ino, k);
             }
         }
-        if sequential {
+        if sequential && !h.direct_io {
             self.drop_behind(h, offset);
         }
         // Also for a read that is not sequential but that no ranged GET could serve (its
@@ -559,6 +579,7 @@ impl Filesystem for ClaudeFs {
             | InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_ASYNC_DIO
             | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP
             // The filesystem clears set-user-ID and set-group-ID itself (see
             // `ClaudeFs::kill_privileges`), so the kernel sets SB_NOSEC: without it, every
             // write (passthrough ones included) first asks the daemon for the file's
@@ -573,6 +594,12 @@ impl Filesystem for ClaudeFs {
             config
                 .capabilities()
                 .contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT),
+            Ordering::Relaxed,
+        );
+        self.live.direct_io_mmap.store(
+            config
+                .capabilities()
+                .contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP),
             Ordering::Relaxed,
         );
         let _ = config.set_max_write(1 << 20);
@@ -869,7 +896,15 @@ impl Filesystem for ClaudeFs {
             Ok((fh, Some(id))) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
-            Ok((fh, None)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, None)) => {
+                let direct = self.live.handles.get(fh).is_some_and(|h| h.direct_io);
+                let flags = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), flags)
+            }
             Err(e) => reply.error(fail("open", e)),
         }
     }
