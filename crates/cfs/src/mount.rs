@@ -295,10 +295,11 @@ fn unmount_on_signal(unmounter: &mut fuser::SessionUnmounter, mountpoint: &Path)
 /// Readahead, in KiB, for reads the daemon serves: the 1 MiB of one FUSE read (max_readahead).
 const READAHEAD_KB: u32 = 1024;
 
-/// Lets the kernel read ahead a whole FUSE read (1 MiB) on the daemon's data path (cold files
-/// and `--no-passthrough`). FUSE caps readahead at the device default of 128 KiB whatever the
-/// daemon asks for, so a sequential reader would cost eight requests per MiB; the cap is the
-/// mount's `read_ahead_kb` in sysfs, which root may raise. The kernel lowers it to the
+/// Lets the kernel read ahead a whole FUSE read (1 MiB) on the daemon's data path
+/// (`--no-passthrough`, and cold files opened for writing; read-only ones are direct I/O).
+/// FUSE caps readahead at the device default of 128 KiB whatever the daemon asks for, so a
+/// sequential reader would cost eight requests per MiB; the cap is the mount's
+/// `read_ahead_kb` in sysfs, which root may raise. The kernel lowers it to the
 /// `max_readahead` of our INIT reply (also 1 MiB) when it handles that reply, so the order of
 /// the two does not matter. The device is found in the mount table, not by a stat of the
 /// mountpoint: a stat would hold the mount busy while it waits for our own GETATTR reply,

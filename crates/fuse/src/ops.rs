@@ -76,6 +76,14 @@ struct NewNode<'a> {
     target: &'a [u8],
 }
 
+/// A handle just opened: its number, the kernel's backing id when the kernel does the
+/// handle's I/O itself (passthrough), and the flags the open's reply carries.
+struct Opened {
+    fh: u64,
+    backing: Option<std::sync::Arc<fuser::BackingId>>,
+    flags: FopenFlags,
+}
+
 impl ClaudeFs {
     fn entry(&self, reply: ReplyEntry, op: &str, r: FsResult<Inode>) {
         match r {
@@ -185,7 +193,7 @@ impl ClaudeFs {
         flags: i32,
         created: Option<(&Inode, std::fs::File)>,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
-    ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
+    ) -> FsResult<Opened> {
         // Counted as a user before looking at the blobs' state: eviction either ran before
         // (and this open sees the evicted blobs) or waits for the release.
         self.live.handles.using(ino);
@@ -202,7 +210,7 @@ impl ClaudeFs {
         flags: i32,
         created: Option<(&Inode, std::fs::File)>,
         register: impl FnOnce(&std::fs::File) -> std::io::Result<fuser::BackingId>,
-    ) -> FsResult<(u64, Option<std::sync::Arc<fuser::BackingId>>)> {
+    ) -> FsResult<Opened> {
         let (file, created) = match created {
             Some((inode, f)) => (f, Some(crate::handles::Recorded::of(inode))),
             None => (self.flash.open_or_create(ino)?, None),
@@ -267,7 +275,12 @@ impl ClaudeFs {
             durable_size: AtomicU64::new(crate::handles::NO_DURABLE_SIZE),
             created,
         });
-        Ok((fh, backing))
+        let flags = if direct_io {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::empty()
+        };
+        Ok(Opened { fh, backing, flags })
     }
 
     /// A read on a handle opened cold. Any read but a sequential one that falls in an
@@ -893,18 +906,16 @@ impl Filesystem for ClaudeFs {
         }
         let r = self.open_file(ino.0, flags.0, None, |f| reply.open_backing(f));
         match r {
-            Ok((fh, Some(id))) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
-            }
-            Ok((fh, None)) => {
-                let direct = self.live.handles.get(fh).is_some_and(|h| h.direct_io);
-                let flags = if direct {
-                    FopenFlags::FOPEN_DIRECT_IO
-                } else {
-                    FopenFlags::empty()
-                };
-                reply.opened(FileHandle(fh), flags)
-            }
+            Ok(Opened {
+                fh,
+                backing: Some(id),
+                flags,
+            }) => reply.opened_passthrough(FileHandle(fh), flags, &id),
+            Ok(Opened {
+                fh,
+                backing: None,
+                flags,
+            }) => reply.opened(FileHandle(fh), flags),
             Err(e) => reply.error(fail("open", e)),
         }
     }
@@ -1333,26 +1344,40 @@ impl Filesystem for ClaudeFs {
             )
             .and_then(|(inode, file)| {
                 let created = file.map(|f| (&inode, f));
-                let (fh, id) =
+                let opened =
                     self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
-                Ok((inode, fh, id))
+                Ok((inode, opened))
             })
         });
         match r {
-            Ok((inode, fh, Some(id))) => reply.created_passthrough(
+            Ok((
+                inode,
+                Opened {
+                    fh,
+                    backing: Some(id),
+                    flags,
+                },
+            )) => reply.created_passthrough(
                 &self.opts.entry_ttl,
                 &self.attr_of(&inode),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                flags,
                 &id,
             ),
-            Ok((inode, fh, None)) => reply.created(
+            Ok((
+                inode,
+                Opened {
+                    fh,
+                    backing: None,
+                    flags,
+                },
+            )) => reply.created(
                 &self.opts.entry_ttl,
                 &self.attr_of(&inode),
                 Generation(0),
                 FileHandle(fh),
-                FopenFlags::empty(),
+                flags,
             ),
             Err(e) => reply.error(fail("create", e)),
         }
