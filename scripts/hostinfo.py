@@ -1,5 +1,6 @@
 """Facts about this machine that the benchmark and the profile record next to their figures,
-and the one way both put its caches in a known state."""
+the one way both put its caches in a known state, and the one way both tell that a ClaudeFS
+mount's tier has no upload left to run under the next step."""
 
 import os
 
@@ -68,3 +69,10 @@ def drop_caches():
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def tier_idle(status, missing=1):
+    """True when a mount's `cfs status --json` shows no file dirty and no upload in flight.
+    `missing` stands for a count the status does not carry."""
+    tier, up = status.get("tier") or {}, status.get("uploads") or {}
+    return tier.get("files_dirty", missing) == 0 and up.get("files_in_flight", missing) == 0
