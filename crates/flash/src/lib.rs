@@ -229,6 +229,9 @@ impl FlashDir {
 
     /// Every backing file present, with its size and allocated bytes. Files whose names are
     /// not ours are returned as `Err(path)` so fsck can report them.
+    ///
+    /// A live mount scans while files come and go (`cfs status`, the evictor), so a file
+    /// removed between the listing and its `stat` is left out rather than failing the scan.
     pub fn scan(&self) -> io::Result<Vec<ScanEntry>> {
         let mut out = Vec::new();
         for shard in fs::read_dir(&self.root)? {
@@ -241,18 +244,8 @@ impl FlashDir {
                 continue;
             }
             for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
-                let name = entry.file_name();
-                match name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) {
-                    Some(ino) if n_ok(&name, ino) => {
-                        let md = entry.metadata()?;
-                        out.push(Ok(BackingFile {
-                            ino,
-                            size: md.len(),
-                            allocated: md.blocks() * 512,
-                        }));
-                    }
-                    _ => out.push(Err(entry.path())),
+                if let Some(found) = scan_entry(&entry?)? {
+                    out.push(found);
                 }
             }
         }
@@ -348,6 +341,24 @@ fn n_ok(name: &std::ffi::OsStr, ino: Ino) -> bool {
     name.to_str() == Some(format!("{ino:016x}").as_str())
 }
 
+/// One entry of a shard directory as [`FlashDir::scan`] reports it; `None` when the file was
+/// removed after the directory was listed.
+fn scan_entry(entry: &fs::DirEntry) -> io::Result<Option<ScanEntry>> {
+    let name = entry.file_name();
+    match name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) {
+        Some(ino) if n_ok(&name, ino) => match entry.metadata() {
+            Ok(md) => Ok(Some(Ok(BackingFile {
+                ino,
+                size: md.len(),
+                allocated: md.blocks() * 512,
+            }))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        },
+        _ => Ok(Some(Err(entry.path()))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,6 +382,37 @@ mod tests {
         flash.remove(42).expect("remove twice is fine");
         assert!(flash.open_rw(42).is_err());
         assert!(flash.open_or_create(42).is_ok());
+    }
+
+    #[test]
+    fn a_file_removed_while_its_shard_is_listed_is_left_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let flash = FlashDir::open(dir.path()).expect("open");
+        // Inodes 0x100, 0x200, ... share shard "00".
+        for k in 1..=8u64 {
+            flash.create(k << 8).expect("create");
+        }
+        let shard = flash.root().join("00");
+        let mut listing = fs::read_dir(&shard).expect("read_dir");
+        // The first entry makes the listing read the whole (small) directory at once; the
+        // files removed now are still in it.
+        let first = listing.next().expect("an entry").expect("entry");
+        for k in 1..=8u64 {
+            let path = shard.join(format!("{:016x}", k << 8));
+            if path != first.path() {
+                fs::remove_file(path).expect("remove");
+            }
+        }
+        let rest: Vec<fs::DirEntry> = listing.map(|e| e.expect("entry")).collect();
+        assert_eq!(rest.len(), 7, "the removed files are still listed");
+        for entry in &rest {
+            assert_eq!(
+                scan_entry(entry).expect("no error for a vanished file"),
+                None
+            );
+        }
+        assert!(matches!(scan_entry(&first), Ok(Some(Ok(_)))));
+        assert_eq!(flash.scan().expect("scan").len(), 1);
     }
 
     #[test]
