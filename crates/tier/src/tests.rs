@@ -452,3 +452,44 @@ async fn a_damaged_object_is_not_retried_again_until_it_is_written_again() {
     assert!(matches!(r, Err(TierError::Corrupt { .. })), "{r:?}");
     assert_eq!(calls() - before, 3, "retried in full again");
 }
+
+/// A write whose close queues the file again while the uploader is committing the older
+/// bytes must stay queued: otherwise it never goes up, and eviction may drop it from flash.
+#[tokio::test]
+async fn a_write_queued_during_the_commit_stays_queued() {
+    use cfs_meta::Op;
+    use std::os::unix::fs::FileExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (meta, flash, ino, file) = one_queued_file(dir.path(), b"first version");
+    let mut up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, memory_store(), 2)
+        .expect("uploader");
+    let hook_meta = Arc::clone(&meta);
+    up.before_commit = Some(Box::new(move |ino| {
+        // What a close after a passthrough write does: the new bytes are on flash, and the
+        // file is queued again. (The new bytes are longer, so the version differs however
+        // coarse the flash filesystem's timestamps.)
+        file.write_all_at(b"second version", 0).expect("write");
+        hook_meta
+            .execute(&Op::MarkDirty { ino })
+            .expect("queue again");
+    }));
+    up.pass().await.expect("pass");
+    assert_eq!(
+        up.stats()
+            .blobs_uploaded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(meta.dirty_files(10).expect("dirty"), vec![ino]);
+
+    up.before_commit = None;
+    up.pass().await.expect("pass");
+    assert!(meta.dirty_files(10).expect("dirty").is_empty());
+    assert_eq!(
+        up.stats()
+            .blobs_uploaded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}

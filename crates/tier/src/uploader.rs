@@ -147,6 +147,9 @@ pub struct Uploader {
     checkpoints: tokio::sync::Mutex<Checkpoints>,
     finish_tx: tokio::sync::mpsc::Sender<FinishRequest>,
     finish_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::Receiver<FinishRequest>>>,
+    /// Runs between a file's last version check and its commit: where tests land a write.
+    #[cfg(test)]
+    pub(crate) before_commit: Option<Box<dyn Fn(Ino) + Send + Sync>>,
 }
 
 /// The checkpoint state that passes share.
@@ -240,6 +243,8 @@ impl Uploader {
             }),
             finish_tx,
             finish_rx: parking_lot::Mutex::new(Some(finish_rx)),
+            #[cfg(test)]
+            before_commit: None,
         })
     }
 
@@ -559,7 +564,11 @@ impl Uploader {
         }
         uploaded.sort_by_key(|b| b.k);
         let after = data_version(&file.metadata().map_err(io_err)?);
-        let clean = before == after;
+        let mut clean = before == after;
+        #[cfg(test)]
+        if let Some(hook) = &self.before_commit {
+            hook(ino);
+        }
         self.meta
             .execute(&Op::CommitBlobs {
                 ino,
@@ -568,6 +577,16 @@ impl Uploader {
                 clean,
             })
             .map_err(meta_err)?;
+        // A write that landed after that check, and whose close queued the file again
+        // before this commit, just had its mark cleared with the older bytes uploaded: put
+        // the mark back, or the write would never go up and eviction could drop it.
+        if clean && data_version(&file.metadata().map_err(io_err)?) != after {
+            clean = false;
+            match self.meta.execute(&Op::MarkDirty { ino }) {
+                Ok(_) | Err(cfs_meta::MetaError::NotFound) => {}
+                Err(e) => return Err(meta_err(e)),
+            }
+        }
         tracing::debug!(ino, blobs = uploaded.len(), clean, elapsed = ?started.elapsed(), "file flushed");
         if clean {
             self.first_seen.lock().remove(&ino);
