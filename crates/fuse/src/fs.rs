@@ -168,7 +168,7 @@ impl Live {
     pub fn status(&self) -> FsStatus {
         FsStatus {
             passthrough_active: self.passthrough.load(Ordering::Relaxed),
-            busy_poll_us: self.busy_poll_us.load(Ordering::Relaxed),
+            busy_poll_us: self.busy_poll_us.load(Ordering::SeqCst),
             open_handles: self.handles.count(),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
             daemon_opens: self.daemon_opens.load(Ordering::Relaxed),

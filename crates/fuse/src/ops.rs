@@ -620,10 +620,13 @@ impl Filesystem for ClaudeFs {
         let _ = config.set_time_granularity(std::time::Duration::from_nanos(1));
         self.live.passthrough.store(passthrough, Ordering::Relaxed);
         if let Some(window) = self.opts.busy_poll {
+            // Shown before the thread exists, so that whoever sees the thread (a test
+            // reading /proc) also sees the window in `cfs status`; taken back if it fails.
+            let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+            self.live.busy_poll_us.store(us, Ordering::SeqCst);
             self.busy = crate::busy_poll::BusyPoll::start(window);
-            if self.busy.is_some() {
-                let us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
-                self.live.busy_poll_us.store(us, Ordering::Relaxed);
+            if self.busy.is_none() {
+                self.live.busy_poll_us.store(0, Ordering::SeqCst);
             }
         }
         tracing::info!(
