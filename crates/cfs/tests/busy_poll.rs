@@ -31,7 +31,19 @@ fn busy_poll_spins_while_requests_flow_and_sleeps_when_they_stop() {
     let root = scratch("busy-poll");
     let mut m = Mount::start(root.path(), &["--busy-poll", "1000"]);
     let pid = m.pid().expect("daemon running");
-    let task = thread_named(pid, "cfs-busypoll").expect("the mount has a cfs-busypoll thread");
+    // A new thread names itself once it first runs, which on a loaded machine can be a
+    // while after the daemon started it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let task = loop {
+        if let Some(task) = thread_named(pid, "cfs-busypoll") {
+            break task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the mount has no cfs-busypoll thread"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(
         status(&m)["busy_poll_us"],
         1000,

@@ -103,6 +103,12 @@ impl Mount {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The mount shows in /proc/mounts before the daemon has answered the kernel's INIT,
+        // which is where it starts its per-mount threads (busy poll, readahead). A request
+        // waits for INIT, so once this stat returns the mount is serving.
+        if let Err(e) = std::fs::metadata(&self.mountpoint) {
+            panic!("stat of the new mount failed ({e}): {}", self.log_text());
+        }
     }
 
     /// The daemon's process id, while it runs.
