@@ -11,6 +11,7 @@ mod blobs;
 mod checkpoint;
 mod cover;
 mod error;
+mod marks;
 mod op;
 mod oplog;
 mod pending;

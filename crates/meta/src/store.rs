@@ -44,6 +44,8 @@ pub struct MetaStore {
     /// Namespace changes since the last durable commit, for `fsync_plan` and
     /// `sync_namespace`; locked inside `pending` where both are.
     covers: parking_lot::Mutex<crate::cover::Covers>,
+    /// When each file was last queued for upload (see `marks`); locked inside `pending`.
+    marks: parking_lot::Mutex<crate::marks::Marks>,
 }
 
 /// Data that metadata describes but that lives outside the store (blobs written back to
@@ -194,6 +196,7 @@ impl MetaStore {
                 durable_seq: AtomicU64::new(seq),
                 sync_lock: Mutex::new(()),
                 covers: Default::default(),
+                marks: Default::default(),
                 pending: Mutex::new(None),
                 has_pending: AtomicBool::new(false),
                 barrier: Default::default(),
@@ -235,6 +238,23 @@ impl MetaStore {
     /// by one to find the one at fault.
     pub fn execute_batch(&self, ops: &[Op]) -> Result<Vec<Outcome>> {
         self.commit_ops(ops, None)
+    }
+
+    /// The number of the latest upload mark (`MarkDirty`) applied by this process: taken
+    /// when an upload of a file begins, for [`MetaStore::marked_since`] when it commits.
+    pub fn mark_seq(&self) -> u64 {
+        self.marks.lock().last()
+    }
+
+    /// Whether `ino` was queued for upload again after `since` (a [`MetaStore::mark_seq`]).
+    pub fn marked_since(&self, ino: Ino, since: u64) -> bool {
+        self.marks.lock().since(ino, since)
+    }
+
+    /// Forgets what [`MetaStore::marked_since`] holds of `ino`, once an upload that began
+    /// at `upto` left it clean.
+    pub fn settle_mark(&self, ino: Ino, upto: u64) {
+        self.marks.lock().settle(ino, upto);
     }
 
     /// Applies `op`; `replay` is the sequence number a replayed operation had in the log
@@ -280,6 +300,19 @@ impl MetaStore {
             let mut covers = self.covers.lock();
             for op in ops {
                 covers.note(op);
+            }
+        }
+        if ops
+            .iter()
+            .any(|op| matches!(op, Op::MarkDirty { .. } | Op::Purge { .. }))
+        {
+            let mut marks = self.marks.lock();
+            for op in ops {
+                match op {
+                    Op::MarkDirty { ino } => marks.mark(*ino),
+                    Op::Purge { ino } => marks.forget(*ino),
+                    _ => {}
+                }
             }
         }
         self.changes.fetch_add(ops.len() as u64, Ordering::Release);

@@ -493,3 +493,30 @@ async fn a_write_queued_during_the_commit_stays_queued() {
         2
     );
 }
+
+/// The same when the change left the file's size and mtime as they were (a rewrite
+/// through the daemon within the clock's granularity): the queue entry alone tells.
+#[tokio::test]
+async fn a_file_queued_during_its_upload_stays_queued_though_it_looks_the_same() {
+    use cfs_meta::Op;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (meta, flash, ino, _file) = one_queued_file(dir.path(), b"same bytes");
+    let mut up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, memory_store(), 2)
+        .expect("uploader");
+    let hook_meta = Arc::clone(&meta);
+    up.before_commit = Some(Box::new(move |ino| {
+        hook_meta
+            .execute(&Op::MarkDirty { ino })
+            .expect("queue again");
+    }));
+    up.pass().await.expect("pass");
+    assert_eq!(meta.dirty_files(10).expect("dirty"), vec![ino]);
+
+    up.before_commit = None;
+    up.pass().await.expect("pass");
+    assert!(
+        meta.dirty_files(10).expect("dirty").is_empty(),
+        "clean once an upload saw no new mark"
+    );
+}

@@ -486,6 +486,8 @@ impl Uploader {
 
     async fn flush_file_inner(&self, ino: Ino) -> Result<()> {
         let started = Instant::now();
+        // Before anything is read: a file queued again after this was changed after it.
+        let marks = self.meta.mark_seq();
         let file = match self.flash.open_rw(ino) {
             Ok(f) => Arc::new(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -577,15 +579,21 @@ impl Uploader {
                 clean,
             })
             .map_err(meta_err)?;
-        // A write that landed after that check, and whose close queued the file again
-        // before this commit, just had its mark cleared with the older bytes uploaded: put
-        // the mark back, or the write would never go up and eviction could drop it.
-        if clean && data_version(&file.metadata().map_err(io_err)?) != after {
+        // A change that queued the file again while it went up (a write closed after the
+        // check above, or a rewrite through the daemon that kept size and mtime) just had
+        // its mark cleared with older bytes uploaded: put the mark back, or the change would
+        // never go up and eviction could drop it.
+        if clean
+            && (self.meta.marked_since(ino, marks)
+                || data_version(&file.metadata().map_err(io_err)?) != after)
+        {
             clean = false;
             match self.meta.execute(&Op::MarkDirty { ino }) {
                 Ok(_) | Err(cfs_meta::MetaError::NotFound) => {}
                 Err(e) => return Err(meta_err(e)),
             }
+        } else if clean {
+            self.meta.settle_mark(ino, marks);
         }
         tracing::debug!(ino, blobs = uploaded.len(), clean, elapsed = ?started.elapsed(), "file flushed");
         if clean {
