@@ -453,63 +453,60 @@ async fn a_damaged_object_is_not_retried_again_until_it_is_written_again() {
     assert_eq!(calls() - before, 3, "retried in full again");
 }
 
-/// A write whose close queues the file again while the uploader is committing the older
-/// bytes must stay queued: otherwise it never goes up, and eviction may drop it from flash.
-#[tokio::test]
-async fn a_write_queued_during_the_commit_stays_queued() {
-    use cfs_meta::Op;
-    use std::os::unix::fs::FileExt;
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (meta, flash, ino, file) = one_queued_file(dir.path(), b"first version");
+/// An uploader of [`one_queued_file`] holding `data`, whose commit first runs `change` on
+/// the backing file and then queues the file again, as a close after a change does.
+fn uploader_queueing_during_commit(
+    dir: &std::path::Path,
+    data: &[u8],
+    change: impl Fn(&std::fs::File) + Send + Sync + 'static,
+) -> (Arc<cfs_meta::MetaStore>, Ino, crate::uploader::Uploader) {
+    let (meta, flash, ino, file) = one_queued_file(dir, data);
     let mut up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, memory_store(), 2)
         .expect("uploader");
     let hook_meta = Arc::clone(&meta);
     up.before_commit = Some(Box::new(move |ino| {
-        // What a close after a passthrough write does: the new bytes are on flash, and the
-        // file is queued again. (The new bytes are longer, so the version differs however
-        // coarse the flash filesystem's timestamps.)
-        file.write_all_at(b"second version", 0).expect("write");
+        change(&file);
         hook_meta
-            .execute(&Op::MarkDirty { ino })
+            .execute(&cfs_meta::Op::MarkDirty { ino })
             .expect("queue again");
     }));
-    up.pass().await.expect("pass");
-    assert_eq!(
+    (meta, ino, up)
+}
+
+/// A write whose close queues the file again while the uploader is committing the older
+/// bytes must stay queued: otherwise it never goes up, and eviction may drop it from flash.
+#[tokio::test]
+async fn a_write_queued_during_the_commit_stays_queued() {
+    use std::os::unix::fs::FileExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // What a close after a passthrough write does: the new bytes are on flash, and the file
+    // is queued again.
+    let (meta, ino, mut up) =
+        uploader_queueing_during_commit(dir.path(), b"first version", |file| {
+            file.write_all_at(b"second version", 0).expect("write");
+        });
+    let uploaded = |up: &crate::uploader::Uploader| {
         up.stats()
             .blobs_uploaded
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    up.pass().await.expect("pass");
+    assert_eq!(uploaded(&up), 1);
     assert_eq!(meta.dirty_files(10).expect("dirty"), vec![ino]);
 
     up.before_commit = None;
     up.pass().await.expect("pass");
     assert!(meta.dirty_files(10).expect("dirty").is_empty());
-    assert_eq!(
-        up.stats()
-            .blobs_uploaded
-            .load(std::sync::atomic::Ordering::Relaxed),
-        2
-    );
+    assert_eq!(uploaded(&up), 2);
 }
 
 /// The same when the change left the file's size and mtime as they were (a rewrite
 /// through the daemon within the clock's granularity): the queue entry alone tells.
 #[tokio::test]
 async fn a_file_queued_during_its_upload_stays_queued_though_it_looks_the_same() {
-    use cfs_meta::Op;
-
     let dir = tempfile::tempdir().expect("tempdir");
-    let (meta, flash, ino, _file) = one_queued_file(dir.path(), b"same bytes");
-    let mut up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, memory_store(), 2)
-        .expect("uploader");
-    let hook_meta = Arc::clone(&meta);
-    up.before_commit = Some(Box::new(move |ino| {
-        hook_meta
-            .execute(&Op::MarkDirty { ino })
-            .expect("queue again");
-    }));
+    let (meta, ino, mut up) = uploader_queueing_during_commit(dir.path(), b"same bytes", |_| {});
     up.pass().await.expect("pass");
     assert_eq!(meta.dirty_files(10).expect("dirty"), vec![ino]);
 

@@ -566,7 +566,7 @@ impl Uploader {
         }
         uploaded.sort_by_key(|b| b.k);
         let after = data_version(&file.metadata().map_err(io_err)?);
-        let mut clean = before == after;
+        let clean = before == after;
         #[cfg(test)]
         if let Some(hook) = &self.before_commit {
             hook(ino);
@@ -579,15 +579,12 @@ impl Uploader {
                 clean,
             })
             .map_err(meta_err)?;
-        // A change that queued the file again while it went up (a write closed after the
-        // check above, or a rewrite through the daemon that kept size and mtime) just had
-        // its mark cleared with older bytes uploaded: put the mark back, or the change would
-        // never go up and eviction could drop it.
-        if clean
-            && (self.meta.marked_since(ino, marks)
-                || data_version(&file.metadata().map_err(io_err)?) != after)
-        {
-            clean = false;
+        // Every change queues its file with a `MarkDirty`. One applied since this upload
+        // began (a write closed after the check above, or a rewrite through the daemon that
+        // kept size and mtime) just had its mark cleared with older bytes uploaded: put the
+        // mark back, or the change would never go up and eviction could drop it.
+        let requeued = clean && self.meta.marked_since(ino, marks);
+        if requeued {
             match self.meta.execute(&Op::MarkDirty { ino }) {
                 Ok(_) | Err(cfs_meta::MetaError::NotFound) => {}
                 Err(e) => return Err(meta_err(e)),
@@ -595,6 +592,7 @@ impl Uploader {
         } else if clean {
             self.meta.settle_mark(ino, marks);
         }
+        let clean = clean && !requeued;
         tracing::debug!(ino, blobs = uploaded.len(), clean, elapsed = ?started.elapsed(), "file flushed");
         if clean {
             self.first_seen.lock().remove(&ino);
