@@ -99,10 +99,7 @@ impl cfs_fuse::TierHooks for Hooks {
     fn admit_write(&self) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         let stats = self.evictor.stats();
-        let full = || {
-            let cap = stats.flash_capacity.load(Relaxed);
-            cap > 0 && stats.flash_used.load(Relaxed) >= cap
-        };
+        let full = || self.flash_full();
         if !full() {
             return Ok(());
         }
@@ -125,6 +122,12 @@ impl cfs_fuse::TierHooks for Hooks {
                 stats.flash_capacity.load(Relaxed)
             ),
         ))
+    }
+    fn flash_full(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = self.evictor.stats();
+        let cap = stats.flash_capacity.load(Relaxed);
+        cap > 0 && stats.flash_used.load(Relaxed) >= cap
     }
 }
 

@@ -425,6 +425,15 @@ impl S3sFs {
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Stops (`SIGSTOP`) or continues (`SIGCONT`) the server: while stopped it still takes
+    /// connections, in the kernel's backlog, but answers nothing, like a store that hangs.
+    fn signal(&self, sig: libc::c_int) {
+        let child = self.child.as_ref().expect("server running");
+        let pid = libc::pid_t::try_from(child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid, which `wait` has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill {sig}");
+    }
 }
 
 impl Drop for S3sFs {
@@ -1019,5 +1028,61 @@ fn sequential_read_of_corrupt_blob_gives_eio() {
     let f = std::fs::File::open(&p).expect("open");
     assert!(read_sequentially(&f, data.len()).expect("read") == data);
     drop(f);
+    m.unmount();
+}
+
+/// Reads that wait for the object store are answered off the daemon's FUSE threads: with the
+/// store hanging and more cold readers waiting on it than the mount has FUSE threads, other
+/// requests (a mkdir, a create and write, a stat, a listing) are still answered, and the
+/// readers get their bytes once the store answers again.
+#[test]
+fn requests_are_answered_while_cold_reads_wait_for_a_hanging_store() {
+    let root = scratch("evict-hanging");
+    let server = S3sFs::new(root.path().join("s3"), "bucket");
+    let mut m = mount_on(&server, root.path(), &["--threads", "2"]);
+    let files: Vec<(PathBuf, Vec<u8>)> = (0..4u64)
+        .map(|i| (m.path(&format!("cold{i}")), noise(300 + i, MIB)))
+        .collect();
+    for (p, data) in &files {
+        write_synced(p, data);
+        set_policy(p, "s3");
+    }
+    wait_status(&m, 120, "the files evicted", |s| {
+        u(&s["tier"]["files_dirty"]) == 0 && u(&s["blobs"]["evicted"]) == 4
+    });
+    drop_caches();
+
+    server.signal(libc::SIGSTOP);
+    let readers: Vec<_> = files
+        .iter()
+        .map(|(p, _)| {
+            let p = p.clone();
+            std::thread::spawn(move || std::fs::read(p))
+        })
+        .collect();
+    // Long enough for each reader's READ to reach the daemon and wait on the store.
+    std::thread::sleep(Duration::from_secs(3));
+
+    std::fs::create_dir(m.path("dir")).expect("mkdir while reads wait");
+    std::fs::write(m.path("dir/new"), b"written while reads wait").expect("create and write");
+    let meta = std::fs::metadata(m.path("dir/new")).expect("stat");
+    assert_eq!(meta.len(), 24);
+    let names: Vec<_> = std::fs::read_dir(m.path("dir"))
+        .expect("readdir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert_eq!(names, ["new"]);
+    let waiting = readers.iter().filter(|r| !r.is_finished()).count();
+    assert_eq!(
+        waiting,
+        readers.len(),
+        "the other requests were answered only after cold reads gave up on the store"
+    );
+
+    server.signal(libc::SIGCONT);
+    for ((p, want), r) in files.iter().zip(readers) {
+        let got = r.join().expect("reader thread").expect("cold read");
+        assert!(&got == want, "{} differs", p.display());
+    }
     m.unmount();
 }

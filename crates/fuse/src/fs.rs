@@ -54,6 +54,8 @@ pub trait TierHooks: Send + Sync {
     /// while flash is full and the tier is making room, and fails with `ENOSPC` only if it
     /// cannot (the object store is down, or everything on flash is dirty or pinned).
     fn admit_write(&self) -> std::io::Result<()>;
+    /// Whether [`TierHooks::admit_write`] would wait now: a cheap look, no waiting.
+    fn flash_full(&self) -> bool;
 }
 
 /// The bytes of one fetched blob, shared with the tier's cache of recent blobs (no copy).
@@ -180,27 +182,47 @@ impl Live {
 pub type InitHook = Box<dyn FnOnce(bool) + Send + Sync>;
 
 pub struct ClaudeFs {
+    /// What requests work on; shared with the requests answered from [`ClaudeFs::slow`].
+    pub(crate) core: Arc<Core>,
+    /// Called once `init` has been answered, to tell the launcher the mount is ready.
+    pub(crate) on_init: Option<InitHook>,
+    /// Started at `init` when [`FsOptions::busy_poll`] asks for it.
+    pub(crate) busy: Option<crate::busy_poll::BusyPoll>,
+    /// Answers the requests that may block for long (see [`crate::offload`]).
+    pub(crate) slow: crate::offload::Offload,
+}
+
+/// The filesystem's state and the logic on it, apart from the FUSE session's own parts: a
+/// request handed to another thread takes it along.
+pub struct Core {
     pub(crate) meta: Arc<MetaStore>,
     pub(crate) flash: FlashDir,
     pub(crate) opts: FsOptions,
     pub(crate) live: Arc<Live>,
-    /// Called once `init` has been answered, to tell the launcher the mount is ready.
-    pub(crate) on_init: Option<InitHook>,
     pub(crate) purger: crate::purger::Purger,
-    /// Started at `init` when [`FsOptions::busy_poll`] asks for it.
-    pub(crate) busy: Option<crate::busy_poll::BusyPoll>,
+}
+
+impl std::ops::Deref for ClaudeFs {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
 }
 
 impl ClaudeFs {
     pub fn new(meta: Arc<MetaStore>, flash: FlashDir, opts: FsOptions) -> ClaudeFs {
         ClaudeFs {
-            purger: crate::purger::Purger::new(Arc::clone(&meta), flash.clone()),
-            meta,
-            flash,
-            opts,
-            live: Arc::new(Live::default()),
+            core: Arc::new(Core {
+                purger: crate::purger::Purger::new(Arc::clone(&meta), flash.clone()),
+                meta,
+                flash,
+                opts,
+                live: Arc::new(Live::default()),
+            }),
             on_init: None,
             busy: None,
+            slow: crate::offload::Offload::new(),
         }
     }
 
@@ -222,6 +244,14 @@ impl ClaudeFs {
         Arc::clone(&self.live)
     }
 
+    /// Runs `job` with the filesystem's state on a thread of the slow pool.
+    pub(crate) fn offload(&self, job: impl FnOnce(&Core) + Send + 'static) {
+        let core = Arc::clone(&self.core);
+        self.slow.run(move || job(&core));
+    }
+}
+
+impl Core {
     pub(crate) fn attr_of(&self, inode: &Inode) -> FileAttr {
         let data = if inode.kind == FileKind::File {
             DataAttr::read(&self.flash, inode.ino)
@@ -402,6 +432,12 @@ impl ClaudeFs {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Whether new data would have to wait for room on flash (see [`Core::admit_write`]):
+    /// such a request is answered off the FUSE threads.
+    pub(crate) fn must_wait_for_room(&self) -> bool {
+        self.opts.tier.as_ref().is_some_and(|t| t.flash_full())
     }
 
     /// Tells the tier that the data of `ino` may have changed (see

@@ -9,6 +9,7 @@ mod drop_behind;
 mod errno;
 mod fs;
 mod handles;
+mod offload;
 mod ops;
 mod purger;
 mod sync_beside;

@@ -3,7 +3,7 @@
 
 use crate::caller::{caller, caller_with_groups};
 use crate::errno::{FsError, FsResult};
-use crate::fs::ClaudeFs;
+use crate::fs::{ClaudeFs, Core};
 use crate::sync_beside::{flush as flush_file, sync_beside};
 use cfs_flash::Change;
 use cfs_meta::{
@@ -33,6 +33,16 @@ fn time_or_now(t: TimeOrNow) -> Timestamp {
     match t {
         TimeOrNow::SpecificTime(t) => Timestamp::from(t),
         TimeOrNow::Now => now(),
+    }
+}
+
+/// The creator of a new node: with its supplementary groups when the set-group-ID rules
+/// need them.
+fn creator(req: &Request, mode: u32) -> cfs_meta::Caller {
+    if mode & 0o2000 != 0 {
+        caller_with_groups(req)
+    } else {
+        caller(req)
     }
 }
 
@@ -84,7 +94,7 @@ struct Opened {
     flags: FopenFlags,
 }
 
-impl ClaudeFs {
+impl Core {
     fn entry(&self, reply: ReplyEntry, op: &str, r: FsResult<Inode>) {
         match r {
             Ok(inode) => reply.entry(&self.opts.entry_ttl, &self.attr_of(&inode), Generation(0)),
@@ -101,7 +111,7 @@ impl ClaudeFs {
 
     fn create_node(
         &self,
-        req: &Request,
+        caller: cfs_meta::Caller,
         parent: INodeNo,
         name: &OsStr,
         node: NewNode<'_>,
@@ -119,11 +129,6 @@ impl ClaudeFs {
                 (ino, Some(file))
             }
             _ => (self.meta.alloc_ino(), None),
-        };
-        let caller = if mode & 0o2000 != 0 {
-            caller_with_groups(req)
-        } else {
-            caller(req)
         };
         let op = Op::Create {
             parent: parent.0,
@@ -519,6 +524,274 @@ impl ClaudeFs {
         Ok(inode)
     }
 
+    /// FSYNC: makes the file's data, and what of the namespace it needs, durable.
+    fn do_fsync(&self, ino: INodeNo, fh: FileHandle, datasync: bool) -> FsResult<()> {
+        let h = self.handle(fh)?;
+        let read = self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
+        // fdatasync owes the size, not the times: when this handle already made the
+        // current size durable, the data sync is all (a rewrite in place, such as a
+        // database's journal header). A crash then loses at most the new mtime, which
+        // recovery re-reads from the backing file, with the upload mark that goes with it.
+        let size = match read {
+            Some(size) => size,
+            None => h.file.metadata()?.len(),
+        };
+        if datasync && h.durable_size.load(Ordering::Relaxed) == size {
+            h.file.sync_data()?;
+            return Ok(());
+        }
+        // The size and times just recorded need not be durable: after a crash recovery
+        // takes them from the backing files. Only the namespace must be (the file's
+        // creation, a chmod, an xattr), and when none of it is pending, a database's
+        // fsyncs of its own files cost the data's flush alone.
+        match self.meta.fsync_plan(ino.0) {
+            FsyncPlan::DataOnly => flush_file(&h.file, datasync)?,
+            FsyncPlan::Cover { record, epoch } if self.covers_by_origin(&h.file, &record) => {
+                // The file's creation is all that is pending: its record rides in the
+                // inode write of the file's own flush (see `cfs_flash::origin`).
+                h.file.sync_all()?;
+                self.meta.covered(ino.0, epoch);
+            }
+            FsyncPlan::Cover { .. } | FsyncPlan::Commit => {
+                // The data and the metadata that records it are made durable side by
+                // side, so the caller waits for one flush time, not two in a row. Their
+                // order does not matter: until this returns nothing is promised.
+                let (data, meta) = sync_beside(&h.file, datasync, || self.meta.sync_namespace());
+                data?;
+                meta?;
+            }
+        }
+        h.durable_size.store(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// CREATE: a new regular file, opened.
+    #[allow(clippy::too_many_arguments)]
+    fn create_file(
+        &self,
+        caller: cfs_meta::Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let r = self.admit_write().and_then(|()| {
+            self.create_node(
+                caller,
+                parent,
+                name,
+                NewNode {
+                    kind: FileKind::File,
+                    mode,
+                    umask,
+                    rdev: 0,
+                    target: b"",
+                },
+            )
+            .and_then(|(inode, file)| {
+                let created = file.map(|f| (&inode, f));
+                let opened =
+                    self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
+                Ok((inode, opened))
+            })
+        });
+        match r {
+            Ok((
+                inode,
+                Opened {
+                    fh,
+                    backing: Some(id),
+                    flags,
+                },
+            )) => reply.created_passthrough(
+                &self.opts.entry_ttl,
+                &self.attr_of(&inode),
+                Generation(0),
+                FileHandle(fh),
+                flags,
+                &id,
+            ),
+            Ok((
+                inode,
+                Opened {
+                    fh,
+                    backing: None,
+                    flags,
+                },
+            )) => reply.created(
+                &self.opts.entry_ttl,
+                &self.attr_of(&inode),
+                Generation(0),
+                FileHandle(fh),
+                flags,
+            ),
+            Err(e) => reply.error(fail("create", e)),
+        }
+    }
+
+    /// OPEN: a handle on an existing file.
+    fn open_handle(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
+            && let Err(e) = self.admit_write()
+        {
+            reply.error(fail("open", e));
+            return;
+        }
+        let r = self.open_file(ino.0, flags.0, None, |f| reply.open_backing(f));
+        match r {
+            Ok(Opened {
+                fh,
+                backing: Some(id),
+                flags,
+            }) => reply.opened_passthrough(FileHandle(fh), flags, &id),
+            Ok(Opened {
+                fh,
+                backing: None,
+                flags,
+            }) => reply.opened(FileHandle(fh), flags),
+            Err(e) => reply.error(fail("open", e)),
+        }
+    }
+
+    /// READ on an open handle.
+    fn read_handle(&self, h: &crate::handles::Handle, offset: u64, size: u32, reply: ReplyData) {
+        let r = (|| {
+            if h.cold
+                && let Some(data) = self.cold_read(h, offset, size)?
+            {
+                return Ok(data);
+            }
+            let mut buf = vec![0u8; size as usize];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = std::os::unix::fs::FileExt::read_at(
+                    &h.file,
+                    &mut buf[filled..],
+                    offset + filled as u64,
+                )?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            Ok(ReadData::Owned(buf))
+        })();
+        match r {
+            Ok(data) => reply.data(data.bytes()),
+            Err(e) => reply.error(fail("read", e)),
+        }
+    }
+
+    /// WRITE on an open handle (one the daemon serves).
+    fn write_handle(
+        &self,
+        h: &crate::handles::Handle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        reply: ReplyWrite,
+    ) {
+        let r = (|| {
+            // Writes the daemon sees (no passthrough, or a cold file) wait for room like a
+            // create does, so a handle opened before flash filled cannot overrun it.
+            self.admit_write()?;
+            if h.cold {
+                self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
+            }
+            let written = self.flash.user_change(h.ino, &h.file, Change::data(), || {
+                std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)
+            });
+            // Even after a failed write, which may have landed in part.
+            self.forget_fetched(h.ino);
+            written?;
+            h.written.store(true, Ordering::Relaxed);
+            // The kernel asks for this when the writer may not keep the set-id bits
+            // (it lacks CAP_FSETID).
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                self.kill_privileges(h.ino)?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(fail("write", e)),
+        }
+    }
+
+    /// FALLOCATE on an open handle.
+    fn fallocate_handle(
+        &self,
+        h: &crate::handles::Handle,
+        caller_uid: u32,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        if h.cold {
+            self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
+        }
+        let done = self.flash.user_change(h.ino, &h.file, Change::data(), || {
+            Ok(nix::fcntl::fallocate(
+                &h.file,
+                nix::fcntl::FallocateFlags::from_bits_retain(mode),
+                offset as i64,
+                length as i64,
+            )?)
+        });
+        self.forget_fetched(h.ino);
+        done?;
+        h.written.store(true, Ordering::Relaxed);
+        // The kernel leaves clearing set-id bits to the daemon here too; root stands
+        // for CAP_FSETID, which FUSE does not pass on.
+        if caller_uid != 0 {
+            self.kill_privileges(h.ino)?;
+        }
+        Ok(())
+    }
+
+    /// COPY_FILE_RANGE between two open handles: the kernel copies (or clones) between
+    /// the backing files, and the bytes never pass through the daemon.
+    fn copy_range(
+        &self,
+        src: &crate::handles::Handle,
+        offset_in: u64,
+        dst: &crate::handles::Handle,
+        offset_out: u64,
+        len: u64,
+        caller_uid: u32,
+    ) -> FsResult<usize> {
+        let mut off_in = offset_in as i64;
+        let mut off_out = offset_out as i64;
+        let len = len.min(u64::from(u32::MAX) & !0xfff) as usize;
+        if src.cold {
+            self.ensure_present(src.ino, offset_in..offset_in + len as u64)?;
+        }
+        if dst.cold {
+            self.ensure_present(dst.ino, offset_out..offset_out + len as u64)?;
+        }
+        let n = self
+            .flash
+            .user_change(dst.ino, &dst.file, Change::data(), || {
+                Ok(nix::fcntl::copy_file_range(
+                    &src.file,
+                    Some(&mut off_in),
+                    &dst.file,
+                    Some(&mut off_out),
+                    len,
+                )?)
+            });
+        self.forget_fetched(dst.ino);
+        let n = n?;
+        dst.written.store(true, Ordering::Relaxed);
+        if caller_uid != 0 {
+            self.kill_privileges(dst.ino)?;
+        }
+        Ok(n)
+    }
+
     fn do_readdir(
         &self,
         ino: INodeNo,
@@ -645,6 +918,9 @@ impl Filesystem for ClaudeFs {
     }
 
     fn destroy(&mut self) {
+        // Requests still running on the slow pool finish first: what they record is part of
+        // what the last sync below makes durable.
+        self.slow.finish();
         // A file closed just before the unmount may have its RELEASE still queued, and the
         // kernel drops it with the connection. Release is where the daemon records what
         // passthrough writes did (size, times, the upload mark), so do it here instead.
@@ -713,9 +989,18 @@ impl Filesystem for ClaudeFs {
         reply: ReplyAttr,
     ) {
         self.busy_touch(req);
-        match self.do_setattr(req.uid(), ino, mode, uid, gid, size, atime, mtime, fh) {
-            Ok(inode) => reply.attr(&self.opts.attr_ttl, &self.attr_of(&inode)),
+        let caller_uid = req.uid();
+        let answer = move |core: &Core| match core
+            .do_setattr(caller_uid, ino, mode, uid, gid, size, atime, mtime, fh)
+        {
+            Ok(inode) => reply.attr(&core.opts.attr_ttl, &core.attr_of(&inode)),
             Err(e) => reply.error(fail("setattr", e)),
+        };
+        // A truncation of a cold file first brings back the blob it cuts.
+        if size.is_some() && self.is_cold(ino.0).unwrap_or(false) {
+            self.offload(answer);
+        } else {
+            answer(self);
         }
     }
 
@@ -746,7 +1031,7 @@ impl Filesystem for ClaudeFs {
         };
         let r = self
             .create_node(
-                req,
+                creator(req, mode),
                 parent,
                 name,
                 NewNode {
@@ -773,7 +1058,7 @@ impl Filesystem for ClaudeFs {
         self.busy_touch(req);
         let r = self
             .create_node(
-                req,
+                creator(req, mode),
                 parent,
                 name,
                 NewNode {
@@ -795,7 +1080,7 @@ impl Filesystem for ClaudeFs {
             name: name.as_bytes().to_vec(),
             now: now(),
         });
-        Self::empty(
+        Core::empty(
             reply,
             "unlink",
             r.map(|o| self.removed(o)).map_err(Into::into),
@@ -809,7 +1094,7 @@ impl Filesystem for ClaudeFs {
             name: name.as_bytes().to_vec(),
             now: now(),
         });
-        Self::empty(
+        Core::empty(
             reply,
             "rmdir",
             r.map(|o| self.removed(o)).map_err(Into::into),
@@ -827,7 +1112,7 @@ impl Filesystem for ClaudeFs {
         self.busy_touch(req);
         let r = self
             .create_node(
-                req,
+                creator(req, 0o777),
                 parent,
                 link_name,
                 NewNode {
@@ -870,7 +1155,7 @@ impl Filesystem for ClaudeFs {
             mode,
             now: now(),
         });
-        Self::empty(
+        Core::empty(
             reply,
             "rename",
             r.map(|o| self.removed(o)).map_err(Into::into),
@@ -895,31 +1180,16 @@ impl Filesystem for ClaudeFs {
                 now: now(),
             })
             .map_err(Into::into)
-            .and_then(Self::inode_outcome);
+            .and_then(Core::inode_outcome);
         self.entry(reply, "link", r);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.busy_touch(req);
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
-            && let Err(e) = self.admit_write()
-        {
-            reply.error(fail("open", e));
-            return;
-        }
-        let r = self.open_file(ino.0, flags.0, None, |f| reply.open_backing(f));
-        match r {
-            Ok(Opened {
-                fh,
-                backing: Some(id),
-                flags,
-            }) => reply.opened_passthrough(FileHandle(fh), flags, &id),
-            Ok(Opened {
-                fh,
-                backing: None,
-                flags,
-            }) => reply.opened(FileHandle(fh), flags),
-            Err(e) => reply.error(fail("open", e)),
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.must_wait_for_room() {
+            self.offload(move |core| core.open_handle(ino, flags, reply));
+        } else {
+            self.open_handle(ino, flags, reply);
         }
     }
 
@@ -935,31 +1205,15 @@ impl Filesystem for ClaudeFs {
         reply: ReplyData,
     ) {
         self.busy_touch(req);
-        let r = self.handle(fh).and_then(|h| {
-            if h.cold
-                && let Some(data) = self.cold_read(&h, offset, size)?
-            {
-                return Ok(data);
-            }
-            let mut buf = vec![0u8; size as usize];
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = std::os::unix::fs::FileExt::read_at(
-                    &h.file,
-                    &mut buf[filled..],
-                    offset + filled as u64,
-                )?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            buf.truncate(filled);
-            Ok(ReadData::Owned(buf))
-        });
-        match r {
-            Ok(data) => reply.data(data.bytes()),
-            Err(e) => reply.error(fail("read", e)),
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(fail("read", e)),
+        };
+        if h.cold {
+            // May wait for the object store.
+            self.offload(move |core| core.read_handle(&h, offset, size, reply));
+        } else {
+            self.read_handle(&h, offset, size, reply);
         }
     }
 
@@ -976,30 +1230,16 @@ impl Filesystem for ClaudeFs {
         reply: ReplyWrite,
     ) {
         self.busy_touch(req);
-        let r = self.handle(fh).and_then(|h| {
-            // Writes the daemon sees (no passthrough, or a cold file) wait for room like a
-            // create does, so a handle opened before flash filled cannot overrun it.
-            self.admit_write()?;
-            if h.cold {
-                self.ensure_present(h.ino, offset..offset + data.len() as u64)?;
-            }
-            let written = self.flash.user_change(h.ino, &h.file, Change::data(), || {
-                std::os::unix::fs::FileExt::write_all_at(&h.file, data, offset)
-            });
-            // Even after a failed write, which may have landed in part.
-            self.forget_fetched(h.ino);
-            written?;
-            h.written.store(true, Ordering::Relaxed);
-            // The kernel asks for this when the writer may not keep the set-id bits
-            // (it lacks CAP_FSETID).
-            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                self.kill_privileges(h.ino)?;
-            }
-            Ok(())
-        });
-        match r {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(fail("write", e)),
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(fail("write", e)),
+        };
+        if h.cold || self.must_wait_for_room() {
+            // May wait for the object store, or for room on flash.
+            let data = data.to_vec();
+            self.offload(move |core| core.write_handle(&h, offset, &data, write_flags, reply));
+        } else {
+            self.write_handle(&h, offset, data, write_flags, reply);
         }
     }
 
@@ -1031,7 +1271,7 @@ impl Filesystem for ClaudeFs {
         self.busy_touch(req);
         let handle = self.live.handles.remove(fh.0);
         let r = handle.as_ref().map_or(Ok(()), |h| self.record_release(h));
-        Self::empty(reply, "release", r);
+        Core::empty(reply, "release", r);
         // After the reply: the kernel has left this handle's io mode only now.
         if let Some(h) = handle {
             // Before the count drops: once no daemon-served handle is left, a passthrough
@@ -1054,47 +1294,8 @@ impl Filesystem for ClaudeFs {
         reply: ReplyEmpty,
     ) {
         self.busy_touch(req);
-        let r = (|| -> FsResult<()> {
-            let h = self.handle(fh)?;
-            let read = self.sync_data_attr(ino.0, h.written.swap(false, Ordering::Relaxed))?;
-            // fdatasync owes the size, not the times: when this handle already made the
-            // current size durable, the data sync is all (a rewrite in place, such as a
-            // database's journal header). A crash then loses at most the new mtime, which
-            // recovery re-reads from the backing file, with the upload mark that goes with it.
-            let size = match read {
-                Some(size) => size,
-                None => h.file.metadata()?.len(),
-            };
-            if datasync && h.durable_size.load(Ordering::Relaxed) == size {
-                h.file.sync_data()?;
-                return Ok(());
-            }
-            // The size and times just recorded need not be durable: after a crash recovery
-            // takes them from the backing files. Only the namespace must be (the file's
-            // creation, a chmod, an xattr), and when none of it is pending, a database's
-            // fsyncs of its own files cost the data's flush alone.
-            match self.meta.fsync_plan(ino.0) {
-                FsyncPlan::DataOnly => flush_file(&h.file, datasync)?,
-                FsyncPlan::Cover { record, epoch } if self.covers_by_origin(&h.file, &record) => {
-                    // The file's creation is all that is pending: its record rides in the
-                    // inode write of the file's own flush (see `cfs_flash::origin`).
-                    h.file.sync_all()?;
-                    self.meta.covered(ino.0, epoch);
-                }
-                FsyncPlan::Cover { .. } | FsyncPlan::Commit => {
-                    // The data and the metadata that records it are made durable side by
-                    // side, so the caller waits for one flush time, not two in a row. Their
-                    // order does not matter: until this returns nothing is promised.
-                    let (data, meta) =
-                        sync_beside(&h.file, datasync, || self.meta.sync_namespace());
-                    data?;
-                    meta?;
-                }
-            }
-            h.durable_size.store(size, Ordering::Relaxed);
-            Ok(())
-        })();
-        Self::empty(reply, "fsync", r);
+        // A flush of the backing file, and maybe of the metadata store: milliseconds.
+        self.offload(move |core| Core::empty(reply, "fsync", core.do_fsync(ino, fh, datasync)));
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -1186,12 +1387,15 @@ impl Filesystem for ClaudeFs {
     ) {
         self.busy_touch(req);
         // A directory's entries are namespace; what else is pending is bookkeeping that
-        // recovery rebuilds (see `Op::is_bookkeeping`).
-        Self::empty(
-            reply,
-            "fsyncdir",
-            self.meta.sync_namespace().map_err(Into::into),
-        );
+        // recovery rebuilds (see `Op::is_bookkeeping`). A commit with an fsync: off the
+        // FUSE threads.
+        self.offload(move |core| {
+            Core::empty(
+                reply,
+                "fsyncdir",
+                core.meta.sync_namespace().map_err(Into::into),
+            );
+        });
     }
 
     fn statfs(&self, req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1266,7 +1470,7 @@ impl Filesystem for ClaudeFs {
                 }
             }
         }
-        Self::empty(reply, "setxattr", r.map(|_| ()).map_err(Into::into));
+        Core::empty(reply, "setxattr", r.map(|_| ()).map_err(Into::into));
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -1307,14 +1511,14 @@ impl Filesystem for ClaudeFs {
             name: name.as_bytes().to_vec(),
             now: now(),
         });
-        Self::empty(reply, "removexattr", r.map(|_| ()).map_err(Into::into));
+        Core::empty(reply, "removexattr", r.map(|_| ()).map_err(Into::into));
     }
 
     fn access(&self, req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         self.busy_touch(req);
         // With default_permissions the kernel has already checked; this only confirms the
         // inode still exists.
-        Self::empty(
+        Core::empty(
             reply,
             "access",
             self.meta.inode(ino.0).map(|_| ()).map_err(Into::into),
@@ -1332,57 +1536,14 @@ impl Filesystem for ClaudeFs {
         reply: ReplyCreate,
     ) {
         self.busy_touch(req);
-        let r = self.admit_write().and_then(|()| {
-            self.create_node(
-                req,
-                parent,
-                name,
-                NewNode {
-                    kind: FileKind::File,
-                    mode,
-                    umask,
-                    rdev: 0,
-                    target: b"",
-                },
-            )
-            .and_then(|(inode, file)| {
-                let created = file.map(|f| (&inode, f));
-                let opened =
-                    self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
-                Ok((inode, opened))
-            })
-        });
-        match r {
-            Ok((
-                inode,
-                Opened {
-                    fh,
-                    backing: Some(id),
-                    flags,
-                },
-            )) => reply.created_passthrough(
-                &self.opts.entry_ttl,
-                &self.attr_of(&inode),
-                Generation(0),
-                FileHandle(fh),
-                flags,
-                &id,
-            ),
-            Ok((
-                inode,
-                Opened {
-                    fh,
-                    backing: None,
-                    flags,
-                },
-            )) => reply.created(
-                &self.opts.entry_ttl,
-                &self.attr_of(&inode),
-                Generation(0),
-                FileHandle(fh),
-                flags,
-            ),
-            Err(e) => reply.error(fail("create", e)),
+        let caller = creator(req, mode);
+        if self.must_wait_for_room() {
+            let name = name.to_owned();
+            self.offload(move |core| {
+                core.create_file(caller, parent, &name, mode, umask, flags, reply);
+            });
+        } else {
+            self.create_file(caller, parent, name, mode, umask, flags, reply);
         }
     }
 
@@ -1397,29 +1558,22 @@ impl Filesystem for ClaudeFs {
         reply: ReplyEmpty,
     ) {
         self.busy_touch(req);
-        let r = self.handle(fh).and_then(|h| {
-            if h.cold {
-                self.ensure_present(h.ino, offset..offset.saturating_add(length))?;
-            }
-            let done = self.flash.user_change(h.ino, &h.file, Change::data(), || {
-                Ok(nix::fcntl::fallocate(
-                    &h.file,
-                    nix::fcntl::FallocateFlags::from_bits_retain(mode),
-                    offset as i64,
-                    length as i64,
-                )?)
-            });
-            self.forget_fetched(h.ino);
-            done?;
-            h.written.store(true, Ordering::Relaxed);
-            // The kernel leaves clearing set-id bits to the daemon here too; root stands
-            // for CAP_FSETID, which FUSE does not pass on.
-            if req.uid() != 0 {
-                self.kill_privileges(h.ino)?;
-            }
-            Ok(())
-        });
-        Self::empty(reply, "fallocate", r);
+        let caller_uid = req.uid();
+        let h = match self.handle(fh) {
+            Ok(h) => h,
+            Err(e) => return reply.error(fail("fallocate", e)),
+        };
+        let cold = h.cold;
+        let answer = move |core: &Core| {
+            let r = core.fallocate_handle(&h, caller_uid, offset, length, mode);
+            Core::empty(reply, "fallocate", r);
+        };
+        if cold {
+            // May bring blobs back from the object store first.
+            self.offload(answer);
+        } else {
+            answer(self);
+        }
     }
 
     fn lseek(
@@ -1479,41 +1633,26 @@ impl Filesystem for ClaudeFs {
         reply: ReplyWrite,
     ) {
         self.busy_touch(req);
-        // Server-side copy between backing files: the kernel clones or copies extents, and
-        // the bytes never pass through the daemon.
-        let r = self.handle(fh_in).and_then(|src| {
-            let dst = self.handle(fh_out)?;
-            let mut off_in = offset_in as i64;
-            let mut off_out = offset_out as i64;
-            let len = len.min(u64::from(u32::MAX) & !0xfff) as usize;
-            if src.cold {
-                self.ensure_present(src.ino, offset_in..offset_in + len as u64)?;
-            }
-            if dst.cold {
-                self.ensure_present(dst.ino, offset_out..offset_out + len as u64)?;
-            }
-            let n = self
-                .flash
-                .user_change(dst.ino, &dst.file, Change::data(), || {
-                    Ok(nix::fcntl::copy_file_range(
-                        &src.file,
-                        Some(&mut off_in),
-                        &dst.file,
-                        Some(&mut off_out),
-                        len,
-                    )?)
-                });
-            self.forget_fetched(dst.ino);
-            let n = n?;
-            dst.written.store(true, Ordering::Relaxed);
-            if req.uid() != 0 {
-                self.kill_privileges(dst.ino)?;
-            }
-            Ok(n)
-        });
-        match r {
+        let (src, dst) = match self
+            .handle(fh_in)
+            .and_then(|s| Ok((s, self.handle(fh_out)?)))
+        {
+            Ok(pair) => pair,
+            Err(e) => return reply.error(fail("copy_file_range", e)),
+        };
+        let cold = src.cold || dst.cold;
+        let caller_uid = req.uid();
+        let answer = move |core: &Core| match core
+            .copy_range(&src, offset_in, &dst, offset_out, len, caller_uid)
+        {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(fail("copy_file_range", e)),
+        };
+        if cold {
+            // May bring blobs back from the object store first.
+            self.offload(answer);
+        } else {
+            answer(self);
         }
     }
 }
