@@ -82,9 +82,13 @@ pub struct MountArgs {
     #[arg(long, value_name = "SECS", default_value_t = 3600.0)]
     pub entry_ttl: f64,
 
-    /// FUSE worker threads.
-    #[arg(long, value_name = "N", default_value_t = 8)]
-    pub threads: usize,
+    /// FUSE worker threads. Default: one per CPU, at least 2 and at most 8. Requests that may
+    /// wait long (fsync, reads of evicted data, writes while flash is full) are answered by
+    /// a pool of their own, so these threads only serve quick ones, and a few that stay busy
+    /// answer a caller's next request sooner than many taking turns (see
+    /// docs/operations.md).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 
     /// Microseconds a daemon thread keeps a CPU busy after each FUSE request, while one
     /// caller sends them. The thread runs at nice 19, so it only takes CPU time nothing else
