@@ -597,37 +597,14 @@ impl Core {
                 Ok((inode, opened))
             })
         });
-        match r {
-            Ok((
-                inode,
-                Opened {
-                    fh,
-                    backing: Some(id),
-                    flags,
-                },
-            )) => reply.created_passthrough(
-                &self.opts.entry_ttl,
-                &self.attr_of(&inode),
-                Generation(0),
-                FileHandle(fh),
-                flags,
-                &id,
-            ),
-            Ok((
-                inode,
-                Opened {
-                    fh,
-                    backing: None,
-                    flags,
-                },
-            )) => reply.created(
-                &self.opts.entry_ttl,
-                &self.attr_of(&inode),
-                Generation(0),
-                FileHandle(fh),
-                flags,
-            ),
-            Err(e) => reply.error(fail("create", e)),
+        let (inode, Opened { fh, backing, flags }) = match r {
+            Ok(created) => created,
+            Err(e) => return reply.error(fail("create", e)),
+        };
+        let (ttl, attr, fh) = (&self.opts.entry_ttl, self.attr_of(&inode), FileHandle(fh));
+        match backing {
+            Some(id) => reply.created_passthrough(ttl, &attr, Generation(0), fh, flags, &id),
+            None => reply.created(ttl, &attr, Generation(0), fh, flags),
         }
     }
 
