@@ -565,37 +565,24 @@ impl Core {
         Ok(())
     }
 
-    /// CREATE: a new regular file, opened.
-    #[allow(clippy::too_many_arguments)]
+    /// CREATE: `file`, a new regular file, opened with `flags`.
     fn create_file(
         &self,
         caller: cfs_meta::Caller,
         parent: INodeNo,
         name: &OsStr,
-        mode: u32,
-        umask: u32,
+        file: NewNode<'_>,
         flags: i32,
         reply: ReplyCreate,
     ) {
         let r = self.admit_write().and_then(|()| {
-            self.create_node(
-                caller,
-                parent,
-                name,
-                NewNode {
-                    kind: FileKind::File,
-                    mode,
-                    umask,
-                    rdev: 0,
-                    target: b"",
-                },
-            )
-            .and_then(|(inode, file)| {
-                let created = file.map(|f| (&inode, f));
-                let opened =
-                    self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
-                Ok((inode, opened))
-            })
+            self.create_node(caller, parent, name, file)
+                .and_then(|(inode, file)| {
+                    let created = file.map(|f| (&inode, f));
+                    let opened =
+                        self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
+                    Ok((inode, opened))
+                })
         });
         let (inode, Opened { fh, backing, flags }) = match r {
             Ok(created) => created,
@@ -1514,13 +1501,18 @@ impl Filesystem for ClaudeFs {
     ) {
         self.busy_touch(req);
         let caller = creator(req, mode);
+        let file = NewNode {
+            kind: FileKind::File,
+            mode,
+            umask,
+            rdev: 0,
+            target: b"",
+        };
         if self.must_wait_for_room() {
             let name = name.to_owned();
-            self.offload(move |core| {
-                core.create_file(caller, parent, &name, mode, umask, flags, reply);
-            });
+            self.offload(move |core| core.create_file(caller, parent, &name, file, flags, reply));
         } else {
-            self.create_file(caller, parent, name, mode, umask, flags, reply);
+            self.create_file(caller, parent, name, file, flags, reply);
         }
     }
 
