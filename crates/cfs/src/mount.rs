@@ -169,19 +169,11 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         tier: tier.as_ref().map(|t| t.hooks()),
         busy_poll: busy_poll_window(args.busy_poll, slow_wakeups.is_some()),
     };
-    let mut fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
+    let fs = ClaudeFs::new(Arc::clone(&meta), flash, opts);
     if let Some(t) = &tier {
         t.attach(fs.live());
     }
     let ready_fd = take_ready_fd();
-    let ra_mountpoint = mountpoint.to_path_buf();
-    fs.on_init(move |pt| {
-        raise_readahead(ra_mountpoint);
-        if let Some(fd) = ready_fd {
-            let mut f = std::fs::File::from(fd);
-            let _ = writeln!(f, "ready passthrough={pt}");
-        }
-    });
 
     let mut options = vec![
         MountOption::FSName(data_dir.display().to_string()),
@@ -224,6 +216,13 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
         }
     };
     live.set_notifier(session.notifier());
+    // `Session::new` has sent the INIT reply, whose max_readahead the kernel applied: only
+    // now does a raise of the readahead stay.
+    raise_readahead(mountpoint);
+    if let Some(fd) = ready_fd {
+        let mut f = std::fs::File::from(fd);
+        let _ = writeln!(f, "ready passthrough={}", live.status().passthrough_active);
+    }
     tracing::info!(mountpoint = %mountpoint.display(), data_dir = %data_dir.display(), "mounted");
     if let Some(hint) = slow_wakeups {
         match args.busy_poll {
@@ -305,32 +304,23 @@ const READAHEAD_KB: u32 = 1024;
 
 /// Lets the kernel read ahead a whole FUSE read (1 MiB) on the daemon's data path
 /// (`--no-passthrough`, and cold files opened for writing; read-only ones are direct I/O).
-/// FUSE caps readahead at the device default of 128 KiB whatever the daemon asks for, so a
-/// sequential reader would cost eight requests per MiB; the cap is the mount's
-/// `read_ahead_kb` in sysfs, which root may raise. The kernel lowers it to the
-/// `max_readahead` of our INIT reply (also 1 MiB) when it handles that reply, so the order of
-/// the two does not matter. The device is found in the mount table, not by a stat of the
-/// mountpoint: a stat would hold the mount busy while it waits for our own GETATTR reply,
-/// and an unmount right after the mount would then fail. Given up with a log line if sysfs
-/// refuses (not root).
-fn raise_readahead(mountpoint: PathBuf) {
-    let spawned = std::thread::Builder::new()
-        .name("cfs-readahead".into())
-        .spawn(move || {
-            let Some(m) = crate::mounts::top_mount_at(&mountpoint) else {
-                tracing::debug!("readahead left at the default: the mount is not in the table");
-                return;
-            };
-            let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
-            match std::fs::write(&path, format!("{READAHEAD_KB}\n")) {
-                Ok(()) => tracing::debug!(path, kb = READAHEAD_KB, "readahead raised"),
-                Err(e) => {
-                    tracing::debug!(path, error = %e, "readahead left at the kernel's default")
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::debug!(error = %e, "readahead left at the default: no thread");
+/// FUSE caps readahead at the device default of 128 KiB whatever the daemon asks for (the
+/// INIT reply may not offer more than the kernel did), so a sequential reader would cost
+/// eight requests per MiB; the cap is the mount's `read_ahead_kb` in sysfs, which root may
+/// raise. The kernel lowers it to our INIT reply's max_readahead when it handles that reply,
+/// so this must run after the reply is sent: run before, the raise is undone. The device is
+/// found in the mount table, not by a stat of the mountpoint: a stat would hold the mount
+/// busy while it waits for our own GETATTR reply, and an unmount right after the mount
+/// would then fail. Given up with a log line if sysfs refuses (not root).
+fn raise_readahead(mountpoint: &Path) {
+    let Some(m) = crate::mounts::top_mount_at(mountpoint) else {
+        tracing::debug!("readahead left at the default: the mount is not in the table");
+        return;
+    };
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", m.dev);
+    match std::fs::write(&path, format!("{READAHEAD_KB}\n")) {
+        Ok(()) => tracing::debug!(path, kb = READAHEAD_KB, "readahead raised"),
+        Err(e) => tracing::debug!(path, error = %e, "readahead left at the kernel's default"),
     }
 }
 

@@ -178,14 +178,9 @@ impl Live {
     }
 }
 
-/// Called once with whether passthrough is active, when the kernel handshake is done.
-pub type InitHook = Box<dyn FnOnce(bool) + Send + Sync>;
-
 pub struct ClaudeFs {
     /// What requests work on; shared with the requests answered from [`ClaudeFs::slow`].
     pub(crate) core: Arc<Core>,
-    /// Called once `init` has been answered, to tell the launcher the mount is ready.
-    pub(crate) on_init: Option<InitHook>,
     /// Started at `init` when [`FsOptions::busy_poll`] asks for it.
     pub(crate) busy: Option<crate::busy_poll::BusyPoll>,
     /// Answers the requests that may block for long (see [`crate::offload`]).
@@ -220,7 +215,6 @@ impl ClaudeFs {
                 opts,
                 live: Arc::new(Live::default()),
             }),
-            on_init: None,
             busy: None,
             slow: crate::offload::Offload::new(),
         }
@@ -231,12 +225,6 @@ impl ClaudeFs {
         if let Some(b) = &self.busy {
             b.touch(req.pid());
         }
-    }
-
-    /// Registers `f`, called with whether passthrough is active once the kernel handshake is
-    /// done.
-    pub fn on_init(&mut self, f: impl FnOnce(bool) + Send + Sync + 'static) {
-        self.on_init = Some(Box::new(f));
     }
 
     /// A handle on the live state that stays valid after the session takes the filesystem.

@@ -875,9 +875,6 @@ impl Filesystem for ClaudeFs {
                 .map(|w| w.as_micros()),
             "kernel handshake done"
         );
-        if let Some(f) = self.on_init.take() {
-            f(passthrough);
-        }
         Ok(())
     }
 

@@ -104,8 +104,9 @@ impl Mount {
             std::thread::sleep(Duration::from_millis(20));
         }
         // The mount shows in /proc/mounts before the daemon has answered the kernel's INIT,
-        // which is where it starts its per-mount threads (busy poll, readahead). A request
-        // waits for INIT, so once this stat returns the mount is serving.
+        // which is where it starts its per-mount threads (busy poll). A request waits for
+        // INIT, so once this stat returns the mount is serving. (The readahead raise comes
+        // just after the INIT reply; a test of it polls.)
         if let Err(e) = std::fs::metadata(&self.mountpoint) {
             panic!("stat of the new mount failed ({e}): {}", self.log_text());
         }
