@@ -192,6 +192,16 @@ fn set_id_bits_are_cleared_by_writes_truncation_and_chown() {
         assert_eq!(mode_of("t"), 0o755, "{mode:?}: a truncation");
         by_nobody("echo a > o && chmod 4755 o && : > o");
         assert_eq!(mode_of("o"), 0o755, "{mode:?}: an open with O_TRUNC");
+        // Created set-id, then written through the handle the create returned.
+        by_nobody(
+            "python3 -c \"import os; fd = os.open('c', os.O_CREAT | os.O_WRONLY, 0o6755); \
+             os.write(fd, b'x'); os.close(fd)\"",
+        );
+        assert_eq!(
+            mode_of("c"),
+            0o755,
+            "{mode:?}: a write through the create's handle"
+        );
         by_nobody("echo a > l && chmod 2745 l && echo b >> l");
         assert_eq!(
             mode_of("l"),

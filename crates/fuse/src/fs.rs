@@ -338,7 +338,7 @@ impl Core {
     /// True if a write to `ino` would have to clear set-id bits (see
     /// [`ClaudeFs::kill_privileges`]).
     pub(crate) fn is_set_id(&self, ino: u64) -> FsResult<bool> {
-        Ok(without_set_id(&self.meta.inode(ino)?).is_some())
+        Ok(has_set_id(&self.meta.inode(ino)?))
     }
 
     /// Writes `record` as the origin of the backing file `file` (see `cfs_flash::origin`);
@@ -451,6 +451,11 @@ impl Core {
 
 /// The xattr that holds a file's capabilities, cleared with the set-id bits.
 const CAPABILITY_XATTR: &[u8] = b"security.capability";
+
+/// Whether a write or chown of `inode` must clear set-id bits (see [`without_set_id`]).
+pub(crate) fn has_set_id(inode: &cfs_meta::Inode) -> bool {
+    without_set_id(inode).is_some()
+}
 
 /// The permission bits a file keeps once a change clears its set-id bits, or `None` if it
 /// has none to clear. Set-group-ID without group execute marks mandatory locking, not a
