@@ -335,12 +335,6 @@ impl Core {
         Ok(())
     }
 
-    /// True if a write to `ino` would have to clear set-id bits (see
-    /// [`ClaudeFs::kill_privileges`]).
-    pub(crate) fn is_set_id(&self, ino: u64) -> FsResult<bool> {
-        Ok(has_set_id(&self.meta.inode(ino)?))
-    }
-
     /// Writes `record` as the origin of the backing file `file` (see `cfs_flash::origin`);
     /// false if it cannot, and the fsync must commit the metadata store instead.
     pub(crate) fn covers_by_origin(&self, file: &std::fs::File, record: &[u8]) -> bool {
@@ -452,7 +446,8 @@ impl Core {
 /// The xattr that holds a file's capabilities, cleared with the set-id bits.
 const CAPABILITY_XATTR: &[u8] = b"security.capability";
 
-/// Whether a write or chown of `inode` must clear set-id bits (see [`without_set_id`]).
+/// Whether a write or chown of `inode` must clear set-id bits (see [`without_set_id`] and
+/// [`ClaudeFs::kill_privileges`]).
 pub(crate) fn has_set_id(inode: &cfs_meta::Inode) -> bool {
     without_set_id(inode).is_some()
 }

@@ -234,7 +234,7 @@ impl Core {
         let set_id = writable
             && match new_inode {
                 Some(inode) => crate::fs::has_set_id(inode),
-                None => self.is_set_id(ino)?,
+                None => crate::fs::has_set_id(&self.meta.inode(ino)?),
             };
         let created = new_inode.map(crate::handles::Recorded::of);
         let mut backing = None;
