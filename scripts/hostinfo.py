@@ -34,6 +34,19 @@ def busy_poll(status):
     return f"on, {us} µs window" if us else "off"
 
 
+def fuse_wake_here(status=None):
+    """The kernel's fuse `wake_here` parameter ("on" or "off"); None on a kernel without it.
+    With `status` (a mounted ClaudeFS daemon's parsed `cfs status --json`), the value while
+    that mount ran, which `cfs mount` holds on by default (`--wake-here`); without, the
+    machine's value now, which other FUSE filesystems run with once no ClaudeFS mount holds
+    it. It changes metadata figures (see docs/operations.md)."""
+    if status is not None:
+        v = status.get("fuse_wake_here")
+    else:
+        v = read("/sys/module/fuse/parameters/wake_here") or None
+    return {"Y": "on", "N": "off"}.get(v, v) if v else None
+
+
 def page_reporting():
     """Whether freed memory is handed back to the hypervisor (free page reporting, shown by
     a kernel that counts what it reported), as "on, N GiB so far"; None if this kernel does

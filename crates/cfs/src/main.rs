@@ -11,6 +11,7 @@ mod mounts;
 mod repair;
 mod status;
 mod tier;
+mod wake_here;
 
 use clap::Parser;
 use cli::{Cli, Command};

@@ -1,7 +1,7 @@
 //! `cfs mount`: check everything that can be checked before touching anything, then mount and
 //! serve until unmounted or signalled.
 
-use crate::cli::{BusyPoll, MountArgs};
+use crate::cli::{BusyPoll, MountArgs, WakeHere};
 use crate::datadir::{DataDir, TierConfig};
 use anyhow::{Context, Result, bail};
 use cfs_fuse::{ClaudeFs, FsOptions};
@@ -139,6 +139,37 @@ fn busy_poll_window(setting: BusyPoll, halting: bool) -> Option<Duration> {
     }
 }
 
+/// Turns the kernel's fuse `wake_here` on for as long as the returned hold lives (see
+/// [`crate::wake_here`]); a failure costs speed only, so it is logged and the mount goes on.
+fn hold_wake_here() -> Option<crate::wake_here::Held> {
+    match crate::wake_here::hold(Path::new("/sys"), Path::new(crate::wake_here::RUN_DIR)) {
+        Ok(Some(held)) => {
+            if held.was == "Y" {
+                tracing::info!("the kernel's fuse wake_here is on already; held on while mounted");
+            } else {
+                tracing::info!(
+                    was = %held.was,
+                    "turned the kernel's fuse wake_here on while ClaudeFS mounts run \
+                     (--wake-here host leaves it alone)"
+                );
+            }
+            Some(held)
+        }
+        Ok(None) => {
+            tracing::debug!("this kernel has no fuse wake_here parameter");
+            None
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::info!(error = %e, "only root may turn the kernel's fuse wake_here on");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot turn the kernel's fuse wake_here on; FUSE round trips may be slower");
+            None
+        }
+    }
+}
+
 /// Runs the mount in this process until it is unmounted or signalled.
 fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     let dir = DataDir::new(data_dir);
@@ -219,6 +250,10 @@ fn serve(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Result<()> {
     // `Session::new` has sent the INIT reply, whose max_readahead the kernel applied: only
     // now does a raise of the readahead stay.
     raise_readahead(mountpoint);
+    let _wake_here = match args.wake_here {
+        WakeHere::On => hold_wake_here(),
+        WakeHere::Host => None,
+    };
     if let Some(fd) = ready_fd {
         let mut f = std::fs::File::from(fd);
         let _ = writeln!(f, "ready passthrough={}", live.status().passthrough_active);
@@ -450,6 +485,7 @@ fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Res
         cmd.arg("--threads").arg(n.to_string());
     }
     cmd.arg("--busy-poll").arg(args.busy_poll.to_string());
+    cmd.arg("--wake-here").arg(args.wake_here.as_str());
     cmd.arg("--upload-concurrency")
         .arg(args.upload_concurrency.to_string());
     cmd.arg("--high-watermark")

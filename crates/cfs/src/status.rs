@@ -24,6 +24,10 @@ pub struct Status {
     /// The mount's busy-poll window in microseconds, 0 when it has none (a running mount
     /// only; see `cfs mount --busy-poll`).
     pub busy_poll_us: Option<u64>,
+    /// The kernel's fuse `wake_here` parameter, "Y" or "N", for a running mount on a kernel
+    /// that has it (see `cfs mount --wake-here`).
+    #[serde(default)]
+    pub fuse_wake_here: Option<String>,
     pub open_handles: Option<usize>,
     /// Object tier: what the store holds and what is still owed to it.
     pub tier: cfs_meta::TierCounts,
@@ -160,6 +164,7 @@ impl Status {
             flash_free_bytes: cap.blocks_avail * cap.block_size,
             passthrough_active: live.map(|(s, _)| s.passthrough_active),
             busy_poll_us: live.map(|(s, _)| s.busy_poll_us),
+            fuse_wake_here: live.and_then(|_| crate::wake_here::current(Path::new("/sys"))),
             open_handles: live.map(|(s, _)| s.open_handles),
             tier: counts_t,
             blobs,
@@ -232,6 +237,11 @@ impl Status {
         match self.busy_poll_us {
             Some(0) => println!("busy-poll    off"),
             Some(us) => println!("busy-poll    on, {us} µs after each request"),
+            None => {}
+        }
+        match self.fuse_wake_here.as_deref() {
+            Some("Y") => println!("wake_here    on (the kernel's fuse parameter)"),
+            Some(v) => println!("wake_here    {v} (the kernel's fuse parameter)"),
             None => {}
         }
         if let Some(n) = self.open_handles {

@@ -1,6 +1,7 @@
-//! `cfs mount --busy-poll`: a daemon thread that keeps a CPU busy while requests flow, and
-//! costs nothing while the mount idles. The mounts here ask for it (or against it) by value,
-//! so the tests do not depend on what `auto` finds on the machine.
+//! How a mount makes FUSE round trips cheaper. `cfs mount --busy-poll`: a daemon thread that
+//! keeps a CPU busy while requests flow, and costs nothing while the mount idles. The mounts
+//! here ask for it (or against it) by value, so the tests do not depend on what `auto` finds
+//! on the machine. `--wake-here on`: the kernel's fuse `wake_here` held on while mounted.
 
 mod common;
 use common::*;
@@ -100,5 +101,36 @@ fn busy_poll_off_starts_no_thread() {
         "--busy-poll off must start no busy-poll thread"
     );
     assert_eq!(status(&m)["busy_poll_us"], 0, "cfs status shows it off");
+    m.unmount();
+}
+
+#[test]
+fn a_mount_holds_the_kernels_wake_here_on() {
+    let param = Path::new("/sys/module/fuse/parameters/wake_here");
+    let root = scratch("wake-here");
+    let mut m = Mount::start(root.path(), &[]);
+    std::fs::write(m.path("f"), b"x").expect("write");
+    if !param.exists() {
+        eprintln!("this kernel has no fuse wake_here parameter: nothing to hold");
+        m.unmount();
+        return;
+    }
+    // Other tests' mounts may hold it too, but none turns it off while this one runs.
+    let value = std::fs::read_to_string(param).expect("read wake_here");
+    assert_eq!(value.trim(), "Y", "the mount holds wake_here on");
+    assert!(
+        m.log_text().contains("fuse wake_here"),
+        "the mount's log says what it did with wake_here"
+    );
+    assert_eq!(
+        status(&m)["fuse_wake_here"],
+        "Y",
+        "cfs status shows the parameter"
+    );
+    let held = std::fs::read_to_string("/run/cfs/wake_here.holders").expect("the holders file");
+    assert!(
+        matches!(held.trim(), "Y" | "N"),
+        "the holders file records the machine's own value, not {held:?}"
+    );
     m.unmount();
 }
