@@ -68,11 +68,7 @@ pub fn hold(sys: &Path, run_dir: &Path) -> std::io::Result<Option<Held>> {
         .create(true)
         .truncate(false)
         .open(run_dir.join(HOLDERS))?;
-    let alone = match holders.try_lock() {
-        Ok(()) => true,
-        Err(TryLockError::WouldBlock) => false,
-        Err(TryLockError::Error(e)) => return Err(e),
-    };
+    let alone = try_exclusive(&holders)?;
     // A record found while no one holds the file is from a last holder that died: that
     // value, not the one it left set, is the machine's own.
     if alone && read_record(&mut holders)?.is_none() {
@@ -100,10 +96,8 @@ impl Held {
     /// wrote `v` back.
     fn give_back(&mut self) -> std::io::Result<Option<String>> {
         let _mutex = lock_mutex(&self.run_dir)?;
-        match self.holders.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Ok(None),
-            Err(TryLockError::Error(e)) => return Err(e),
+        if !try_exclusive(&self.holders)? {
+            return Ok(None);
         }
         let Some(own) = read_record(&mut self.holders)? else {
             return Ok(None);
@@ -127,6 +121,16 @@ impl Drop for Held {
                 "cannot give the kernel's fuse wake_here back its own value"
             ),
         }
+    }
+}
+
+/// Takes (or converts to) an exclusive lock on `holders` without waiting: true if no other
+/// holder has it locked.
+fn try_exclusive(holders: &File) -> std::io::Result<bool> {
+    match holders.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
     }
 }
 
