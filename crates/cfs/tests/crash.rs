@@ -263,6 +263,47 @@ fn kill9_after_fsyncs_of_new_files_keeps_them() {
     }
 }
 
+/// `kill -9` right after an unlink, before the periodic commit makes it durable: the file
+/// may come back (its unlink was not durable), but whole, never as its size with its bytes
+/// gone (the backing file removed by a purge the store then lost).
+#[test]
+fn kill9_soon_after_an_unlink_leaves_the_file_whole_or_gone() {
+    let root = scratch("unlinked");
+    let mut m = Mount::start(root.path(), &[]);
+    let (mut back, mut gone) = (0, 0);
+    for round in 0..4u64 {
+        let path = m.path(&format!("f{round}"));
+        let data = content(round, 10_000);
+        write_synced(&path, &data);
+        std::fs::File::open(m.path(""))
+            .and_then(|d| d.sync_all())
+            .expect("fsync the directory");
+        // Past the periodic commit, so that the unlink below is the only change pending.
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::remove_file(&path).expect("unlink");
+        // Long enough for the kernel's FORGET and the purge it queues.
+        std::thread::sleep(Duration::from_millis(50));
+        m.kill9();
+        m.remount();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                assert_eq!(bytes.len(), data.len(), "round {round}: size");
+                assert!(
+                    bytes == data,
+                    "round {round}: the file came back without its bytes"
+                );
+                std::fs::remove_file(&path).expect("unlink again");
+                back += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => gone += 1,
+            Err(e) => panic!("round {round}: {e}"),
+        }
+    }
+    eprintln!("files back {back}, gone {gone}");
+    m.unmount();
+    assert_fsck_clean(&m);
+}
+
 #[test]
 fn metadata_survives_clean_remount() {
     let root = scratch("remount");

@@ -7,6 +7,11 @@
 //! a background thread takes every forgotten inode queued so far and purges them in one
 //! transaction. If the daemon dies first, the orphans are still recorded and the next mount
 //! purges them (`recover`).
+//!
+//! A purged file's backing file goes only once the purge is durable in the store (the
+//! periodic commit makes it so within about a second). Removed at once, a crash before that
+//! commit left the store holding the file, linked again (its unlink was not durable either),
+//! with its bytes gone: a deleted file back from the dead, empty.
 
 use cfs_flash::FlashDir;
 use cfs_meta::{FileKind, MetaStore, Op, Outcome};
@@ -23,10 +28,33 @@ const BATCH_MAX: usize = 256;
 /// a contended lock are each a vCPU wake-up on a virtual machine. Nobody waits for a purge.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// How often the thread looks whether purges it made became durable, while some did not.
+const DURABLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 #[derive(Default)]
 struct Queue {
     inos: Vec<u64>,
     stopping: bool,
+}
+
+/// Backing files of purged files, each with the log number its purge must be durable to.
+#[derive(Default)]
+struct Doomed(Vec<(u64, u64)>);
+
+impl Doomed {
+    /// Removes the backing files whose purge is durable.
+    fn remove_durable(&mut self, meta: &MetaStore, flash: &FlashDir) {
+        let durable = meta.log_durable_seq();
+        self.0.retain(|&(ino, seq)| {
+            if seq > durable {
+                return true;
+            }
+            if let Err(e) = flash.remove(ino) {
+                tracing::warn!(ino, error = %e, "could not remove backing file of purged inode");
+            }
+            false
+        });
+    }
 }
 
 #[derive(Default)]
@@ -56,7 +84,13 @@ impl Purger {
     /// Queues `ino` for purging. Falls back to purging it here if no thread can be started.
     pub(crate) fn purge(&self, ino: u64) {
         if !self.running() {
-            purge_batch(&self.meta, &self.flash, &[ino]);
+            let mut doomed = Doomed::default();
+            purge_batch(&self.meta, &[ino], &mut doomed);
+            if let Err(e) = self.meta.sync() {
+                tracing::warn!(ino, error = %e, "sync after a purge failed; recovery will retry");
+                return;
+            }
+            doomed.remove_durable(&self.meta, &self.flash);
             return;
         }
         let was_empty = {
@@ -116,14 +150,22 @@ impl Drop for Purger {
 }
 
 fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
+    let mut doomed = Doomed::default();
     loop {
         let batch = {
             let mut q = shared.queue.lock();
             while q.inos.is_empty() && !q.stopping {
-                shared.wake.wait(&mut q);
+                if doomed.0.is_empty() {
+                    shared.wake.wait(&mut q);
+                } else {
+                    shared.wake.wait_for(&mut q, DURABLE_CHECK);
+                    drop(q);
+                    doomed.remove_durable(meta, flash);
+                    q = shared.queue.lock();
+                }
             }
             if q.inos.is_empty() {
-                return;
+                break;
             }
             if !q.stopping && q.inos.len() < BATCH_MAX {
                 // Woken early only by `finish`.
@@ -132,13 +174,26 @@ fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
             let n = q.inos.len().min(BATCH_MAX);
             q.inos.drain(..n).collect::<Vec<_>>()
         };
-        purge_batch(meta, flash, &batch);
+        purge_batch(meta, &batch, &mut doomed);
+        doomed.remove_durable(meta, flash);
+    }
+    // Stopping: the unmount's final sync would come next; made here, it lets the last
+    // backing files go.
+    if doomed.0.is_empty() {
+        return;
+    }
+    match meta.sync() {
+        Ok(()) => doomed.remove_durable(meta, flash),
+        Err(e) => {
+            tracing::error!(error = %e, "sync before the last purges failed; the next mount purges them")
+        }
     }
 }
 
 /// Purges `inos` in one transaction, or one by one if that fails (so that one bad inode
-/// holds up no other), then removes the backing files of the regular files among them.
-fn purge_batch(meta: &MetaStore, flash: &FlashDir, inos: &[u64]) {
+/// holds up no other), and hands the backing files of the regular files among them to
+/// `doomed`, to go once the purges are durable.
+fn purge_batch(meta: &MetaStore, inos: &[u64], doomed: &mut Doomed) {
     let ops: Vec<Op> = inos.iter().map(|&ino| Op::Purge { ino }).collect();
     let outcomes: Vec<(u64, Result<Outcome, cfs_meta::MetaError>)> = match meta.execute_batch(&ops)
     {
@@ -155,12 +210,12 @@ fn purge_batch(meta: &MetaStore, flash: &FlashDir, inos: &[u64]) {
                 .collect()
         }
     };
+    // Past every purge just applied.
+    let seq = meta.log_applied_seq();
     for (ino, outcome) in outcomes {
         match outcome {
             Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
-                if let Err(e) = flash.remove(ino) {
-                    tracing::warn!(ino, error = %e, "could not remove backing file of purged inode");
-                }
+                doomed.0.push((ino, seq));
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(ino, error = %e, "purge failed; recovery will retry"),
