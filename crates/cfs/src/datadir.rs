@@ -104,14 +104,10 @@ impl DataDir {
     pub fn recover(&self, meta: &MetaStore, flash: &FlashDir, tier: bool) -> Result<()> {
         let clean = self.clean_marker().exists();
         let _ = std::fs::remove_file(self.clean_marker());
-        let mut purged = 0;
-        for ino in meta.orphans()? {
-            if let cfs_meta::Outcome::Purged(Some(_)) = meta.execute(&Op::Purge { ino })? {
-                flash.remove(ino)?;
-                purged += 1;
-            }
-        }
-        let (mut stray, mut resized, mut recreated) = (0, 0, 0);
+        // Before this recovery logs anything: the operations the store held at the crash.
+        let durable_seq = meta.log_durable_seq();
+        let mut purged = purge_orphans(meta, flash)?;
+        let (mut stray, mut resized, mut recreated) = (0, 0, Vec::new());
         if !clean {
             let mut files = std::collections::HashMap::new();
             meta.for_each_inode(|inode| {
@@ -120,22 +116,17 @@ impl DataDir {
                 }
                 Ok(())
             })?;
+            let mut records = Vec::new();
             for entry in flash.scan()? {
                 match entry {
                     Ok(cfs_flash::BackingFile { ino, size, .. }) => match files.get(&ino) {
-                        None => {
-                            if let Some(name) = recreate(meta, flash, ino, tier)? {
-                                tracing::info!(
-                                    ino,
-                                    name = %String::from_utf8_lossy(&name),
-                                    "file created again from its backing file's origin record: its fsync returned before the crash, its create in the metadata store was not yet durable"
-                                );
-                                recreated += 1;
-                            } else {
+                        None => match origin(flash, ino) {
+                            Some(origin) => records.push((ino, origin)),
+                            None => {
                                 flash.remove(ino)?;
                                 stray += 1;
                             }
-                        }
+                        },
                         Some(&(size_then, mtime_then)) => {
                             let md = flash.metadata(ino)?;
                             let d = cfs_fuse::DataAttr::from_metadata(&md);
@@ -153,13 +144,38 @@ impl DataDir {
                     }
                 }
             }
+            let (keep, dropped) = cfs_meta::recoverable(records, durable_seq);
+            for ino in dropped {
+                tracing::info!(
+                    ino,
+                    "backing file with an origin record dropped: its file was deleted, or a newer file of its name replaced it"
+                );
+                flash.remove(ino)?;
+                stray += 1;
+            }
+            for (ino, origin) in keep {
+                if let Some(name) = recreate_from(meta, flash, ino, &origin, tier)? {
+                    tracing::info!(
+                        ino,
+                        name = %String::from_utf8_lossy(&name),
+                        "file created again from its backing file's origin record: its fsync returned before the crash, its create in the metadata store was not yet durable"
+                    );
+                    recreated.push(ino);
+                } else {
+                    flash.remove(ino)?;
+                    stray += 1;
+                }
+            }
+            // Files that records unlinked again.
+            purged += purge_orphans(meta, flash)?;
         }
         meta.sync()?;
-        if purged + stray + resized + recreated > 0 || !clean {
+        settle_records(flash, &recreated, stray + purged > 0)?;
+        if purged + stray + resized + recreated.len() > 0 || !clean {
             tracing::info!(
                 clean,
                 purged,
-                files_recreated = recreated,
+                files_recreated = recreated.len(),
                 stray_backing_files = stray,
                 files_changed = resized,
                 "recovery done"
@@ -175,42 +191,58 @@ impl DataDir {
     }
 }
 
-/// Creates file `ino` again from its backing file's origin record, if it has one that still
-/// fits the namespace (see `cfs_flash::origin`), with the size and times of the backing file,
-/// queued for upload with a tier. The name it got, or `None`: a stray.
-pub(crate) fn recreate(
-    meta: &MetaStore,
-    flash: &FlashDir,
-    ino: u64,
-    tier: bool,
-) -> Result<Option<Vec<u8>>> {
-    match origin_record(flash, ino) {
-        Some(record) => recreate_from(meta, flash, ino, &record, tier),
-        None => Ok(None),
-    }
-}
-
-/// The origin record of `ino`'s backing file, if it has one (a read error is logged and
-/// taken as none: the file is then a stray).
-pub(crate) fn origin_record(flash: &FlashDir, ino: u64) -> Option<Vec<u8>> {
-    match cfs_flash::origin::get(&flash.path(ino)) {
-        Ok(record) => record,
-        Err(e) => {
-            tracing::warn!(ino, error = %e, "cannot read a backing file's origin record");
-            None
+/// Purges the inodes left unlinked while open (and their backing files); how many.
+fn purge_orphans(meta: &MetaStore, flash: &FlashDir) -> Result<usize> {
+    let mut purged = 0;
+    for ino in meta.orphans()? {
+        if let cfs_meta::Outcome::Purged(Some(_)) = meta.execute(&Op::Purge { ino })? {
+            flash.remove(ino)?;
+            purged += 1;
         }
     }
+    Ok(purged)
 }
 
-/// [`recreate`] with the record already read.
+/// Once the store holds the files created again from records (`recreated`), clears their
+/// records and makes that, and the removal of backing files (`removed`), durable: a record
+/// left behind would outlive the store's knowledge of its file, and after a later delete and
+/// a second crash bring the file back.
+pub(crate) fn settle_records(flash: &FlashDir, recreated: &[u64], removed: bool) -> Result<()> {
+    for &ino in recreated {
+        let file = flash.open_rw(ino)?;
+        cfs_flash::origin::clear(&file)?;
+    }
+    if removed || !recreated.is_empty() {
+        flash.sync_everything()?;
+    }
+    Ok(())
+}
+
+/// The origin record of `ino`'s backing file, decoded, if it has one that describes that
+/// file (a read error is logged and taken as none: the file is then a stray).
+pub(crate) fn origin(flash: &FlashDir, ino: u64) -> Option<cfs_meta::Origin> {
+    let record = match cfs_flash::origin::get(&flash.path(ino)) {
+        Ok(record) => record?,
+        Err(e) => {
+            tracing::warn!(ino, error = %e, "cannot read a backing file's origin record");
+            return None;
+        }
+    };
+    // `None` too for a record left by the file this backing file once belonged to.
+    cfs_meta::decode_origin(ino, &record)
+}
+
+/// Creates file `ino` again from its origin record, if it still fits the namespace, with the
+/// size and times of the backing file, queued for upload with a tier. The name it got, or
+/// `None`: a stray.
 pub(crate) fn recreate_from(
     meta: &MetaStore,
     flash: &FlashDir,
     ino: u64,
-    record: &[u8],
+    origin: &cfs_meta::Origin,
     tier: bool,
 ) -> Result<Option<Vec<u8>>> {
-    let Some(name) = meta.recover_create(ino, record)? else {
+    let Some(name) = meta.recover_create(ino, origin)? else {
         return Ok(None);
     };
     let d = cfs_fuse::DataAttr::from_metadata(&flash.metadata(ino)?);

@@ -89,7 +89,7 @@ enum Problem {
     /// durable through that record, and whose create the store lost in a crash.
     Recreatable {
         ino: Ino,
-        record: Vec<u8>,
+        origin: cfs_meta::Origin,
     },
     UnknownFlashFile {
         path: std::path::PathBuf,
@@ -310,19 +310,28 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
             Some(_) => {}
         }
     }
+    let mut records = Vec::new();
     for &ino in backing.keys() {
         if inodes.get(&ino).is_none_or(|i| i.kind != FileKind::File) {
-            let record = if inodes.contains_key(&ino) {
+            let origin = if inodes.contains_key(&ino) {
                 None
             } else {
-                crate::datadir::origin_record(&flash, ino)
+                crate::datadir::origin(&flash, ino)
             };
-            problems.push(match record {
-                Some(record) => Problem::Recreatable { ino, record },
-                None => Problem::StrayBacking { ino },
-            });
+            match origin {
+                Some(origin) => records.push((ino, origin)),
+                None => problems.push(Problem::StrayBacking { ino }),
+            }
         }
     }
+    // As a mount's recovery decides: stale records, and older records of an entry that a
+    // newer one names, leave strays.
+    let (keep, dropped) = cfs_meta::recoverable(records, meta.log_durable_seq());
+    problems.extend(dropped.into_iter().map(|ino| Problem::StrayBacking { ino }));
+    problems.extend(
+        keep.into_iter()
+            .map(|(ino, origin)| Problem::Recreatable { ino, origin }),
+    );
 
     println!(
         "checked {} inodes, {} entries, {} backing files in {}",
@@ -396,21 +405,29 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
         }
         Ok::<(), MetaError>(())
     })?;
+    let (mut recreated, mut removed) = (Vec::new(), false);
     for p in &problems {
         match p {
             Problem::StrayBacking { ino } => {
                 flash.remove(*ino)?;
+                removed = true;
                 fixed += 1;
             }
-            Problem::Recreatable { ino, record } => {
+            Problem::Recreatable { ino, origin } => {
                 // As a mount's recovery does; a record that no longer fits (its directory
                 // is gone) leaves a stray.
-                match crate::datadir::recreate_from(&meta, &flash, *ino, record, true)? {
-                    Some(name) => println!(
-                        "note: file {ino} created again from its origin record, as {}",
-                        String::from_utf8_lossy(&name)
-                    ),
-                    None => flash.remove(*ino)?,
+                match crate::datadir::recreate_from(&meta, &flash, *ino, origin, true)? {
+                    Some(name) => {
+                        println!(
+                            "note: file {ino} created again from its origin record, as {}",
+                            String::from_utf8_lossy(&name)
+                        );
+                        recreated.push(*ino);
+                    }
+                    None => {
+                        flash.remove(*ino)?;
+                        removed = true;
+                    }
                 }
                 fixed += 1;
             }
@@ -426,6 +443,7 @@ pub fn run(data_dir: &Path, repair: bool) -> Result<()> {
         }
     }
     meta.sync()?;
+    crate::datadir::settle_records(&flash, &recreated, removed)?;
     let left = problems.len() - fixed;
     println!("{fixed} problems repaired, {left} left");
     Err(FsckFailed {

@@ -94,6 +94,15 @@ impl FlashDir {
         shard_path(&self.root, ino)
     }
 
+    /// Makes every change to the flash filesystem durable, names included (`syncfs`): for
+    /// recovery, so that the backing files it removed or cleared cannot come back after a
+    /// second crash and be taken for files to create again.
+    pub fn sync_everything(&self) -> io::Result<()> {
+        let root = File::open(&self.root)?;
+        rustix::fs::syncfs(&root)?;
+        Ok(())
+    }
+
     /// Creates the backing file of a new inode, empty, from a spare if there is one. Fails if
     /// it already exists.
     pub fn create(&self, ino: Ino) -> io::Result<File> {

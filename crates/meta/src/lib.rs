@@ -22,7 +22,7 @@ mod types;
 
 pub use apply::XATTR_SIZE_MAX;
 pub use checkpoint::{CHECKPOINT_VERSION, Checkpoint, CheckpointCounts};
-pub use cover::FsyncPlan;
+pub use cover::{FsyncPlan, Origin, decode_origin, recoverable};
 pub use error::{MetaError, Result};
 pub use op::{BlobRecord, Caller, Op, Outcome, RenameMode, SetAttr, XattrMode};
 pub use oplog::{LOG_VERSION, LogSegment, decode_log_segment, encode_log_segment};

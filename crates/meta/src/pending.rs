@@ -44,8 +44,9 @@ pub(crate) struct Pending {
     ops: usize,
 }
 
-/// What applying a batch gave: the outcomes and the last log number it took.
-pub(crate) type Applied = (Vec<Outcome>, Option<u64>);
+/// What applying a batch gave: the outcomes, and the log number of each operation (`None`
+/// for one not logged).
+pub(crate) type Applied = (Vec<Outcome>, Vec<Option<u64>>);
 
 impl Pending {
     pub(crate) fn begin(db: &Database) -> Result<Pending> {
@@ -123,9 +124,9 @@ fn apply_into(tables: &mut Tables<'_>, ops: &[Op], replay: Option<u64>) -> Resul
         .map(|op| tx.apply(op))
         .collect::<Result<Vec<_>>>()?;
     tx.finish()?;
-    let mut last = None;
-    for op in ops {
-        last = crate::oplog::record(tables, op, replay)?.or(last);
-    }
-    Ok((outcomes, last))
+    let seqs = ops
+        .iter()
+        .map(|op| crate::oplog::record(tables, op, replay))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((outcomes, seqs))
 }

@@ -284,7 +284,7 @@ impl MetaStore {
                 p
             }
         };
-        let (outcomes, last) = match pending.apply(ops, replay) {
+        let (outcomes, seqs) = match pending.apply(ops, replay) {
             Ok(applied) => applied,
             Err(e) => {
                 if let Some(failed) = guard.take() {
@@ -298,8 +298,8 @@ impl MetaStore {
         self.committed.fetch_add(1, Ordering::Release);
         {
             let mut covers = self.covers.lock();
-            for op in ops {
-                covers.note(op);
+            for ((op, outcome), seq) in ops.iter().zip(&outcomes).zip(&seqs) {
+                covers.note(op, outcome, *seq);
             }
         }
         if ops
@@ -316,7 +316,7 @@ impl MetaStore {
             }
         }
         self.changes.fetch_add(ops.len() as u64, Ordering::Release);
-        if let Some(seq) = last {
+        if let Some(seq) = seqs.iter().flatten().last().copied() {
             self.applied_seq.fetch_max(seq, Ordering::Release);
         }
         if guard
@@ -418,10 +418,11 @@ impl MetaStore {
     /// Makes durable every operation applied before this call that is not bookkeeping (see
     /// [`Op::is_bookkeeping`]): what an `fsync` owes beyond the file's data, which the
     /// caller syncs itself. When only bookkeeping is pending, as between the `fsync`s of a
-    /// database rewriting its own files, this costs nothing, where [`MetaStore::sync`] would
+    /// database rewriting its own files, or when origin records cover every namespace change
+    /// (see [`crate::FsyncPlan::Cover`]), this costs nothing, where [`MetaStore::sync`] would
     /// cost a second device flush beside the data's.
     pub fn sync_namespace(&self) -> Result<()> {
-        if !self.covers.lock().pending() {
+        if self.covers.lock().namespace_durable() {
             return Ok(());
         }
         self.sync()
@@ -440,21 +441,44 @@ impl MetaStore {
 
     /// Creates file `ino` again from the origin record of its backing file, after a crash
     /// lost its create from the store (an `fsync` made it durable through that record; see
-    /// [`crate::FsyncPlan::Cover`]). Returns the name it got: its own, or, should a file of
-    /// that name exist (which the rules of `fsync_plan` rule out, but nothing is thrown away
-    /// on a guess), `NAME.cfs-recovered-INO`. `None`: the record does not describe this
-    /// file, or its directory is gone; the caller treats the backing file as a stray.
-    pub fn recover_create(&self, ino: Ino, record: &[u8]) -> Result<Option<Vec<u8>>> {
-        let Some(mut op) = crate::cover::decode(ino, record) else {
+    /// [`crate::FsyncPlan::Cover`]), with the attribute changes the record carries after the
+    /// create. Returns the name it got: its own, or, should a file of that name exist (which
+    /// the rules of `fsync_plan` rule out, but nothing is thrown away on a guess),
+    /// `NAME.cfs-recovered-INO`. `None`: the record does not describe this file, or its
+    /// directory is gone; the caller treats the backing file as a stray. Which records to
+    /// recover at all: [`crate::recoverable`].
+    pub fn recover_create(&self, ino: Ino, origin: &crate::Origin) -> Result<Option<Vec<u8>>> {
+        let mut ops = origin.ops.clone();
+        let Some(Op::Create {
+            parent,
+            name,
+            ino: created,
+            ..
+        }) = ops.first_mut()
+        else {
             return Ok(None);
         };
-        let Op::Create { parent, name, .. } = &mut op else {
+        if *created != ino {
             return Ok(None);
-        };
+        }
         match self.inode(*parent) {
             Ok(dir) if dir.kind == crate::FileKind::Dir => {}
             Ok(_) | Err(MetaError::NotFound) => return Ok(None),
             Err(e) => return Err(e),
+        }
+        // The files the entry held before (unlinked before this create, but not durably):
+        // unlinked again, if the entry still holds one. They are then orphans, for the
+        // caller to purge.
+        for &old in &origin.replaces {
+            match self.lookup(*parent, name) {
+                Ok(held) if held.ino == old => {
+                    let (parent, name) = (*parent, name.clone());
+                    let now = crate::Timestamp::now();
+                    self.execute(&Op::Unlink { parent, name, now })?;
+                }
+                Ok(_) | Err(MetaError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         match self.lookup(*parent, name) {
             Err(MetaError::NotFound) => {}
@@ -466,7 +490,7 @@ impl MetaStore {
             }
         }
         let chosen = name.clone();
-        self.execute(&op)?;
+        self.execute_batch(&ops)?;
         self.next_ino.fetch_max(ino + 1, Ordering::Relaxed);
         Ok(Some(chosen))
     }

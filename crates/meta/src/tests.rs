@@ -2876,10 +2876,11 @@ fn sync_namespace_waits_for_the_namespace_and_not_for_bookkeeping() {
 // Creates made durable by an origin record (an fsync of a new file without a commit)
 // ---------------------------------------------------------------------------------------------
 
-/// The record an fsync of the just-created file `ino` writes into its backing file.
-fn origin_record(s: &MetaStore, ino: Ino) -> Vec<u8> {
+/// The record an fsync of the just-created file `ino` writes into its backing file, as
+/// recovery reads it back.
+fn origin_record(s: &MetaStore, ino: Ino) -> crate::Origin {
     match s.fsync_plan(ino) {
-        FsyncPlan::Cover { record, .. } => record,
+        FsyncPlan::Cover { record, .. } => crate::decode_origin(ino, &record).expect("decodes"),
         other => panic!("expected a cover for {ino}, got {other:?}"),
     }
 }
