@@ -128,7 +128,10 @@ impl Origin {
 impl Covers {
     /// Notes an applied operation, with what it did and its log number.
     pub(crate) fn note(&mut self, op: &Op, outcome: &Outcome, seq: Option<u64>) {
-        if op.is_bookkeeping() {
+        // Once something takes the commit, every fsync does until it is made, and it makes
+        // all of this durable: nothing more to track (`rm -rf` of committed files would
+        // otherwise list every name).
+        if op.is_bookkeeping() || self.other > 0 {
             return;
         }
         match (op, outcome, seq) {
