@@ -194,6 +194,12 @@ impl FlashDir {
         self.spares.len()
     }
 
+    /// How many spares creates have renamed into place since this process started: whether
+    /// creates are using them up right now.
+    pub fn spares_taken(&self) -> u64 {
+        self.spares.taken()
+    }
+
     pub fn metadata(&self, ino: Ino) -> io::Result<fs::Metadata> {
         fs::metadata(self.path(ino))
     }

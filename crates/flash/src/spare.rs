@@ -49,6 +49,8 @@ pub(crate) struct Spares {
     no_tmpfile: AtomicBool,
     /// How many spares the filler keeps ready; 0 (the default) means no filler.
     ready: AtomicUsize,
+    /// Spares renamed into place by creates so far.
+    taken: AtomicU64,
     /// The filler thread, started by [`Spares::keep_ready`]; it ends with the last `Spares`.
     filler: Refill,
 }
@@ -62,6 +64,7 @@ impl Spares {
             next_name: AtomicU64::new(0),
             no_tmpfile: AtomicBool::new(false),
             ready: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
             filler: Refill::new("cfs-spares"),
         }
     }
@@ -105,6 +108,11 @@ impl Spares {
         self.with_free(|free| Ok(free.len())).unwrap_or(0)
     }
 
+    /// How many spares creates have taken so far.
+    pub(crate) fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
     /// Renames a spare to `dest` (which must not exist). False if there is no spare.
     pub(crate) fn take_into(self: &Arc<Self>, dest: &Path) -> io::Result<bool> {
         loop {
@@ -124,7 +132,10 @@ impl Spares {
                 dest,
                 nix::fcntl::RenameFlags::RENAME_NOREPLACE,
             ) {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    self.taken.fetch_add(1, Ordering::Relaxed);
+                    return Ok(true);
+                }
                 // Someone else (fsck, an operator) removed it: try the next one.
                 Err(nix::errno::Errno::ENOENT) if fs::symlink_metadata(&spare).is_err() => {}
                 Err(e) => {

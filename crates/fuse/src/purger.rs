@@ -28,8 +28,19 @@ const BATCH_MAX: usize = 256;
 /// a contended lock are each a vCPU wake-up on a virtual machine. Nobody waits for a purge.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
 
-/// How often the thread looks whether purges it made became durable, while some did not.
-const DURABLE_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often the thread looks whether purges it made became durable (or creates want their
+/// files), while some did not.
+const DURABLE_CHECK: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Past this many backing files waiting while creates are taking spares, the thread makes
+/// the purges durable itself rather than wait for the periodic commit: emptied, those files
+/// are the spares the creates rename into place. `cfs bench` creates a tree right after
+/// deleting 5,000 files: waiting for the periodic commit, it ran at 8,950-11,390/s against
+/// 13,290-13,790/s with the old immediate removal; with this, at 11,260-15,420/s against
+/// 13,600-17,120/s in the same run. Not while only deletes run: each such commit holds every
+/// metadata operation off while it flushes, and deleting a tree while syncing every 256
+/// purges ran at 15,240-22,580/s against 25,900-28,160/s.
+const SYNC_AT: usize = 256;
 
 #[derive(Default)]
 struct Queue {
@@ -42,6 +53,20 @@ struct Queue {
 struct Doomed(Vec<(u64, u64)>);
 
 impl Doomed {
+    /// Removes the backing files whose purge is durable, first making the purges durable if
+    /// enough wait while creates have taken spares since the last call (`taken`).
+    fn settle(&mut self, meta: &MetaStore, flash: &FlashDir, taken: &mut u64) {
+        let now = flash.spares_taken();
+        if now != *taken
+            && self.0.len() >= SYNC_AT
+            && let Err(e) = meta.sync()
+        {
+            tracing::warn!(error = %e, "sync after purges failed; the periodic commit will do");
+        }
+        *taken = now;
+        self.remove_durable(meta, flash);
+    }
+
     /// Removes the backing files whose purge is durable.
     fn remove_durable(&mut self, meta: &MetaStore, flash: &FlashDir) {
         let durable = meta.log_durable_seq();
@@ -151,6 +176,7 @@ impl Drop for Purger {
 
 fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
     let mut doomed = Doomed::default();
+    let mut taken = flash.spares_taken();
     loop {
         let batch = {
             let mut q = shared.queue.lock();
@@ -160,7 +186,7 @@ fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
                 } else {
                     shared.wake.wait_for(&mut q, DURABLE_CHECK);
                     drop(q);
-                    doomed.remove_durable(meta, flash);
+                    doomed.settle(meta, flash, &mut taken);
                     q = shared.queue.lock();
                 }
             }
@@ -175,7 +201,7 @@ fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
             q.inos.drain(..n).collect::<Vec<_>>()
         };
         purge_batch(meta, &batch, &mut doomed);
-        doomed.remove_durable(meta, flash);
+        doomed.settle(meta, flash, &mut taken);
     }
     // Stopping: the unmount's final sync would come next; made here, it lets the last
     // backing files go.
