@@ -144,13 +144,14 @@ fn busy_poll_window(setting: BusyPoll, halting: bool) -> Option<Duration> {
 fn hold_wake_here() -> Option<crate::wake_here::Held> {
     match crate::wake_here::hold(Path::new("/sys"), Path::new(crate::wake_here::RUN_DIR)) {
         Ok(Some(held)) => {
-            if held.was == "Y" {
+            if held.own == "Y" {
                 tracing::info!("the kernel's fuse wake_here is on already; held on while mounted");
             } else {
                 tracing::info!(
                     was = %held.was,
-                    "turned the kernel's fuse wake_here on while ClaudeFS mounts run \
-                     (--wake-here host leaves it alone)"
+                    machine_value = %held.own,
+                    "the kernel's fuse wake_here is held on while ClaudeFS mounts run, and \
+                     given back its machine value after the last (--wake-here host leaves it alone)"
                 );
             }
             Some(held)

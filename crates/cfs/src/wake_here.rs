@@ -51,6 +51,9 @@ pub struct Held {
     run_dir: PathBuf,
     /// The value before this mount took it, for the log.
     pub was: String,
+    /// The machine's own value, which the last holder gives back: `was`, unless other mounts
+    /// hold it or the last holder died holding it.
+    pub own: String,
 }
 
 /// Turns the parameter on and holds it, if the kernel under `sys` (normally `/sys`) has it;
@@ -77,6 +80,7 @@ pub fn hold(sys: &Path, run_dir: &Path) -> std::io::Result<Option<Held>> {
         holders.write_all(current.as_bytes())?;
         holders.sync_all()?;
     }
+    let own = read_record(&mut holders)?.unwrap_or_else(|| current.clone());
     if current != "Y" {
         std::fs::write(&param, "Y")?;
     }
@@ -88,6 +92,7 @@ pub fn hold(sys: &Path, run_dir: &Path) -> std::io::Result<Option<Held>> {
         param,
         run_dir: run_dir.to_path_buf(),
         was: current,
+        own,
     }))
 }
 
@@ -202,10 +207,10 @@ mod tests {
     fn the_last_holder_gives_the_machines_value_back() {
         let m = Machine::with(Some("N"));
         let a = m.hold();
-        assert_eq!(a.was, "N");
+        assert_eq!((a.was.as_str(), a.own.as_str()), ("N", "N"));
         assert_eq!(m.value(), "Y");
         let b = m.hold();
-        assert_eq!(b.was, "Y");
+        assert_eq!((b.was.as_str(), b.own.as_str()), ("Y", "N"));
         drop(a);
         assert_eq!(m.value(), "Y", "another mount still holds it");
         drop(b);
@@ -231,7 +236,11 @@ mod tests {
         let m = Machine::with(Some("Y"));
         std::fs::write(m.run.path().join(HOLDERS), "N").expect("write");
         let a = m.hold();
-        assert_eq!(a.was, "Y");
+        assert_eq!(
+            (a.was.as_str(), a.own.as_str()),
+            ("Y", "N"),
+            "on, left by the dead holder; the machine's own is off"
+        );
         drop(a);
         assert_eq!(m.value(), "N");
     }
