@@ -74,13 +74,18 @@ pub fn hold(sys: &Path, run_dir: &Path) -> std::io::Result<Option<Held>> {
     let alone = try_exclusive(&holders)?;
     // A record found while no one holds the file is from a last holder that died: that
     // value, not the one it left set, is the machine's own.
-    if alone && read_record(&mut holders)?.is_none() {
-        holders.set_len(0)?;
-        holders.seek(SeekFrom::Start(0))?;
-        holders.write_all(current.as_bytes())?;
-        holders.sync_all()?;
-    }
-    let own = read_record(&mut holders)?.unwrap_or_else(|| current.clone());
+    let own = match read_record(&mut holders)? {
+        Some(own) => own,
+        None => {
+            if alone {
+                holders.set_len(0)?;
+                holders.seek(SeekFrom::Start(0))?;
+                holders.write_all(current.as_bytes())?;
+                holders.sync_all()?;
+            }
+            current.clone()
+        }
+    };
     if current != "Y" {
         std::fs::write(&param, "Y")?;
     }

@@ -87,7 +87,7 @@ fn writer(
 
 #[test]
 fn kill9_during_writes_loses_nothing_fsynced() {
-    for mode in [&[][..], &["--no-passthrough"][..]] {
+    for mode in MODES {
         let root = scratch("crash");
         let mut m = Mount::start(root.path(), mode);
         let stop = Arc::new(AtomicBool::new(false));
@@ -139,7 +139,7 @@ fn kill9_during_writes_loses_nothing_fsynced() {
 #[test]
 fn kill9_after_fdatasync_of_a_rewrite_in_place_keeps_it() {
     use std::io::{Seek, SeekFrom, Write};
-    for mode in [&[][..], &["--no-passthrough"][..]] {
+    for mode in MODES {
         let root = scratch("datasync");
         let mut m = Mount::start(root.path(), mode);
         let path = m.path("journal");
@@ -182,7 +182,7 @@ fn kill9_after_fdatasync_of_a_rewrite_in_place_keeps_it() {
 #[test]
 fn kill9_after_fsyncs_of_new_files_keeps_them() {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    for mode in [&[][..], &["--no-passthrough"][..]] {
+    for mode in MODES {
         let root = scratch("newfiles");
         let mut m = Mount::start(root.path(), mode);
         std::fs::create_dir(m.path("spool")).expect("mkdir");
@@ -272,7 +272,7 @@ fn kill9_after_fsyncs_of_new_files_keeps_them() {
 #[test]
 fn kill9_after_journal_cycles_brings_back_only_the_newest_journal() {
     use std::os::unix::fs::OpenOptionsExt;
-    for mode in [&[][..], &["--no-passthrough"][..]] {
+    for mode in MODES {
         let root = scratch("journal");
         let mut m = Mount::start(root.path(), mode);
         let dir = m.path("db");
@@ -328,7 +328,7 @@ fn kill9_after_journal_cycles_brings_back_only_the_newest_journal() {
 /// not sync in this mode), and never a journal of one transaction rolled back over another.
 #[test]
 fn kill9_after_sqlite3_commits_leaves_the_database_intact() {
-    for mode in [&[][..], &["--no-passthrough"][..]] {
+    for mode in MODES {
         let root = scratch("sqlite-crash");
         let mut m = Mount::start(root.path(), mode);
         let db = m.path("t.db");

@@ -8,8 +8,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::Command;
 
-const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
-
 fn seek(f: &std::fs::File, off: i64, whence: nix::unistd::Whence) -> i64 {
     nix::unistd::lseek(f, off, whence).expect("lseek")
 }

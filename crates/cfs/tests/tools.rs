@@ -6,8 +6,6 @@ use common::*;
 use std::path::Path;
 use std::process::Command;
 
-const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
-
 /// A git repository with a few hundred objects, made on the spot so the test needs no network.
 fn make_repo(dir: &Path) {
     std::fs::create_dir_all(dir).expect("mkdir repo");

@@ -67,6 +67,21 @@ impl Doomed {
         self.remove_durable(meta, flash);
     }
 
+    /// Makes every purge durable, then removes all the backing files: for when nothing
+    /// else will come to do it.
+    fn sync_and_remove(&mut self, meta: &MetaStore, flash: &FlashDir) {
+        if self.0.is_empty() {
+            return;
+        }
+        match meta.sync() {
+            Ok(()) => self.remove_durable(meta, flash),
+            Err(e) => tracing::error!(
+                error = %e,
+                "sync before removing purged files' backing files failed; the next mount purges them"
+            ),
+        }
+    }
+
     /// Removes the backing files whose purge is durable.
     fn remove_durable(&mut self, meta: &MetaStore, flash: &FlashDir) {
         let durable = meta.log_durable_seq();
@@ -111,11 +126,7 @@ impl Purger {
         if !self.running() {
             let mut doomed = Doomed::default();
             purge_batch(&self.meta, &[ino], &mut doomed);
-            if let Err(e) = self.meta.sync() {
-                tracing::warn!(ino, error = %e, "sync after a purge failed; recovery will retry");
-                return;
-            }
-            doomed.remove_durable(&self.meta, &self.flash);
+            doomed.sync_and_remove(&self.meta, &self.flash);
             return;
         }
         let was_empty = {
@@ -205,15 +216,7 @@ fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
     }
     // Stopping: the unmount's final sync would come next; made here, it lets the last
     // backing files go.
-    if doomed.0.is_empty() {
-        return;
-    }
-    match meta.sync() {
-        Ok(()) => doomed.remove_durable(meta, flash),
-        Err(e) => {
-            tracing::error!(error = %e, "sync before the last purges failed; the next mount purges them")
-        }
-    }
+    doomed.sync_and_remove(meta, flash);
 }
 
 /// Purges `inos` in one transaction, or one by one if that fails (so that one bad inode

@@ -72,14 +72,28 @@ pub(crate) struct Covers {
     epoch: u64,
     /// Regular files created since.
     creates: HashMap<Ino, Created>,
-    /// The entries (directory, name) of files unlinked since that a record may name or the
-    /// store holds, until a newer record of the same entry is durable.
-    unlinked: Vec<(Ino, Vec<u8>)>,
-    /// Of those, the files the store holds: (directory, name, inode). Every later record of
-    /// the entry lists them, and recovery unlinks them again before its create.
-    replaced: Vec<(Ino, Vec<u8>, Ino)>,
+    /// Files unlinked since that a record may name or the store holds.
+    unlinked: Vec<Unlinked>,
     /// Other namespace changes since.
     other: u64,
+}
+
+/// The unlink of a file's last link, pending.
+struct Unlinked {
+    /// Its directory and name.
+    parent: Ino,
+    name: Vec<u8>,
+    /// The file, if the store holds it: every later record of the entry lists it, and
+    /// recovery unlinks it again before its create.
+    held: Option<Ino>,
+    /// Whether a newer record of the entry is durable, which answers for the unlink.
+    answered: bool,
+}
+
+impl Unlinked {
+    fn of(&self, parent: Ino, name: &[u8]) -> bool {
+        self.parent == parent && self.name == name
+    }
 }
 
 /// The longest record used; a longer one (a long name with a large group list, or many
@@ -158,12 +172,13 @@ impl Covers {
                     },
                 );
             }
-            (Op::SetAttr { ino, .. }, _, _) if self.creates.contains_key(ino) => {
-                if let Some(c) = self.creates.get_mut(ino) {
+            (Op::SetAttr { ino, .. }, _, _) => match self.creates.get_mut(ino) {
+                Some(c) => {
                     c.ops.push(op.clone());
                     c.covered = false;
                 }
-            }
+                None => self.other += 1,
+            },
             (
                 Op::Unlink { parent, name, .. },
                 Outcome::Removed {
@@ -171,15 +186,20 @@ impl Covers {
                 },
                 _,
             ) => {
-                match self.creates.remove(ino) {
+                let held = match self.creates.remove(ino) {
                     // A record of it may exist only if one was handed out.
                     Some(c) if !c.recorded => return,
-                    Some(_) => {}
+                    Some(_) => None,
                     // Created before the last durable commit: the store holds it.
-                    None => self.replaced.push((*parent, name.clone(), *ino)),
-                }
-                self.unlinked.push((*parent, name.clone()));
-                if self.unlinked.len().max(self.replaced.len()) > MAX_UNLINKED {
+                    None => Some(*ino),
+                };
+                self.unlinked.push(Unlinked {
+                    parent: *parent,
+                    name: name.clone(),
+                    held,
+                    answered: false,
+                });
+                if self.unlinked.len() > MAX_UNLINKED {
                     self.other += 1;
                 }
             }
@@ -190,7 +210,9 @@ impl Covers {
     /// Whether every namespace change is durable, in the store or through records: what a
     /// directory's `fsync` needs.
     pub(crate) fn namespace_durable(&self) -> bool {
-        self.other == 0 && self.unlinked.is_empty() && self.creates.values().all(|c| c.covered)
+        self.other == 0
+            && self.unlinked.iter().all(|u| u.answered)
+            && self.creates.values().all(|c| c.covered)
     }
 
     /// Everything applied so far is durable in the store.
@@ -198,7 +220,6 @@ impl Covers {
         self.epoch += 1;
         self.creates.clear();
         self.unlinked.clear();
-        self.replaced.clear();
         self.other = 0;
     }
 
@@ -207,7 +228,7 @@ impl Covers {
             return FsyncPlan::Commit;
         }
         let Some(c) = self.creates.get_mut(&ino).filter(|c| !c.covered) else {
-            return if self.unlinked.is_empty() {
+            return if self.unlinked.iter().all(|u| u.answered) {
                 FsyncPlan::DataOnly
             } else {
                 FsyncPlan::Commit
@@ -217,15 +238,15 @@ impl Covers {
         if self
             .unlinked
             .iter()
-            .any(|(p, n)| *p != c.parent || *n != c.name)
+            .any(|u| !u.answered && !u.of(c.parent, &c.name))
         {
             return FsyncPlan::Commit;
         }
         let replaces: Vec<Ino> = self
-            .replaced
+            .unlinked
             .iter()
-            .filter(|(p, n, _)| *p == c.parent && *n == c.name)
-            .map(|(_, _, ino)| *ino)
+            .filter(|u| u.of(c.parent, &c.name))
+            .filter_map(|u| u.held)
             .collect();
         let Some(record) = encode(c.seq, &replaces, &c.ops).filter(|r| r.len() <= MAX_RECORD)
         else {
@@ -244,8 +265,12 @@ impl Covers {
         }
         if let Some(c) = self.creates.get_mut(&ino) {
             c.covered = true;
-            let (parent, name) = (c.parent, &c.name);
-            self.unlinked.retain(|(p, n)| *p != parent || n != name);
+            // Answered; one the store holds stays, for the later records of the entry.
+            self.unlinked
+                .retain(|u| !u.of(c.parent, &c.name) || u.held.is_some());
+            for u in self.unlinked.iter_mut().filter(|u| u.of(c.parent, &c.name)) {
+                u.answered = true;
+            }
         }
     }
 }

@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The two ways a mount serves file data: FUSE passthrough (the default), and through the
+/// daemon. Tests of behaviour that must not depend on it run in both.
+pub const MODES: [&[&str]; 2] = [&[], &["--no-passthrough"]];
+
 pub fn cfs_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cfs"))
 }
