@@ -126,6 +126,17 @@ impl BusyPoll {
         }
     }
 
+    /// Notes a READ or WRITE of `bytes` from `caller`, unless it is a bulk transfer (from
+    /// [`BULK_IO`]): copying its data, not the wake-ups this thread saves, takes the time,
+    /// and a CPU kept spinning is one the caller's copies and the kernel's writeback cannot
+    /// use. During a sequential `--no-passthrough` write of 1 MiB requests the thread took
+    /// 35% of the daemon's samples (`perf`), and 7.5% once bulk requests stopped counting.
+    pub(crate) fn touch_io(&self, caller: u32, bytes: usize) {
+        if bytes < BULK_IO {
+            self.touch(caller);
+        }
+    }
+
     #[cfg(test)]
     fn sleeps(&self) -> u64 {
         self.shared.sleeps.load(Ordering::SeqCst)
@@ -190,6 +201,11 @@ fn run(s: &Shared) {
         looked = turn.checked_sub(LOOK_EVERY).unwrap_or(turn);
     }
 }
+
+/// The size from which a READ or WRITE is a bulk transfer, which does not keep the thread
+/// spinning: above the 4-32 KiB requests of small files and random I/O, whose wake-ups it
+/// saves, below the 128 KiB-1 MiB requests of sequential I/O.
+const BULK_IO: usize = 64 << 10;
 
 /// How long after a request from a second caller the thread stays asleep: while several
 /// threads or processes send requests (a parallel build, a multi-threaded job), a busy CPU
@@ -327,6 +343,24 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(poll.sleeps(), before, "woke for requests from two callers");
+    }
+
+    #[test]
+    fn bulk_transfers_do_not_wake_the_thread() {
+        let poll = BusyPoll::start(Duration::from_millis(20)).expect("thread");
+        assert!(eventually(|| poll.sleeps() >= 1));
+        let before = poll.sleeps();
+        for _ in 0..30 {
+            poll.touch_io(7, super::BULK_IO);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(poll.sleeps(), before, "woke for 1 MiB transfers");
+        poll.touch_io(7, 4096);
+        assert!(
+            eventually(|| poll.sleeps() > before),
+            "a 4 KiB request did not wake it (it sleeps again after the window)"
+        );
     }
 
     #[test]

@@ -227,6 +227,14 @@ impl ClaudeFs {
         }
     }
 
+    /// Notes a READ or WRITE of `bytes` for the busy-poll thread, if there is one (see
+    /// [`BusyPoll::touch_io`](crate::busy_poll::BusyPoll::touch_io)).
+    pub(crate) fn busy_touch_io(&self, req: &fuser::Request, bytes: usize) {
+        if let Some(b) = &self.busy {
+            b.touch_io(req.pid(), bytes);
+        }
+    }
+
     /// A handle on the live state that stays valid after the session takes the filesystem.
     pub fn live(&self) -> Arc<Live> {
         Arc::clone(&self.live)

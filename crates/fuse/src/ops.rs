@@ -1172,7 +1172,7 @@ impl Filesystem for ClaudeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.busy_touch(req);
+        self.busy_touch_io(req, size as usize);
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(fail("read", e)),
@@ -1197,7 +1197,7 @@ impl Filesystem for ClaudeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        self.busy_touch(req);
+        self.busy_touch_io(req, data.len());
         let h = match self.handle(fh) {
             Ok(h) => h,
             Err(e) => return reply.error(fail("write", e)),
