@@ -34,17 +34,23 @@ def busy_poll(status):
     return f"on, {us} µs window" if us else "off"
 
 
-def fuse_wake_here(status=None):
-    """The kernel's fuse `wake_here` parameter ("on" or "off"); None on a kernel without it.
-    With `status` (a mounted ClaudeFS daemon's parsed `cfs status --json`), the value while
-    that mount ran, which `cfs mount` holds on by default (`--wake-here`); without, the
-    machine's value now, which other FUSE filesystems run with once no ClaudeFS mount holds
-    it. It changes metadata figures (see docs/operations.md)."""
-    if status is not None:
-        v = status.get("fuse_wake_here")
-    else:
-        v = read("/sys/module/fuse/parameters/wake_here") or None
+def _on_off(v):
+    """The kernel's "Y"/"N" as "on"/"off"; None for an absent value."""
     return {"Y": "on", "N": "off"}.get(v, v) if v else None
+
+
+def fuse_wake_here():
+    """The machine's fuse `wake_here` parameter now ("on" or "off"); None on a kernel
+    without it. Other FUSE filesystems run with it once no ClaudeFS mount holds it on. It
+    changes metadata figures (see docs/operations.md)."""
+    return _on_off(read("/sys/module/fuse/parameters/wake_here") or None)
+
+
+def mount_wake_here(status):
+    """The fuse `wake_here` value while a ClaudeFS mount ran, from its parsed `cfs status
+    --json`, which `cfs mount` holds on by default (`--wake-here`); None if it does not
+    say."""
+    return _on_off(status.get("fuse_wake_here"))
 
 
 def page_reporting():
