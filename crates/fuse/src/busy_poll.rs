@@ -127,10 +127,11 @@ impl BusyPoll {
     }
 
     /// Notes a READ or WRITE of `bytes` from `caller`, unless it is a bulk transfer (from
-    /// [`BULK_IO`]): copying its data, not the wake-ups this thread saves, takes the time,
-    /// and a CPU kept spinning is one the caller's copies and the kernel's writeback cannot
-    /// use. During a sequential `--no-passthrough` write of 1 MiB requests the thread took
-    /// 35% of the daemon's samples (`perf`), and 7.5% once bulk requests stopped counting.
+    /// [`BULK_IO`]): copying its data, not the wake-ups this thread saves, takes the time.
+    /// During a sequential `--no-passthrough` write of 1 MiB requests the thread took 35% of
+    /// the daemon's samples (`perf`), and 7.5% once bulk requests stopped counting; the
+    /// daemon's CPU time for a 512 MiB `fio` write fell from a median 1.15 s to 0.64 s over
+    /// 5 interleaved runs, its throughput unchanged within the noise of the test machine.
     pub(crate) fn touch_io(&self, caller: u32, bytes: usize) {
         if bytes < BULK_IO {
             self.touch(caller);
