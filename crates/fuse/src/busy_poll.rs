@@ -356,7 +356,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(poll.sleeps(), before, "woke for 1 MiB transfers");
+        assert_eq!(poll.sleeps(), before, "woke for bulk transfers");
         poll.touch_io(7, 4096);
         assert!(
             eventually(|| poll.sleeps() > before),
