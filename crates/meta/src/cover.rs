@@ -210,9 +210,12 @@ impl Covers {
     /// Whether every namespace change is durable, in the store or through records: what a
     /// directory's `fsync` needs.
     pub(crate) fn namespace_durable(&self) -> bool {
-        self.other == 0
-            && self.unlinked.iter().all(|u| u.answered)
-            && self.creates.values().all(|c| c.covered)
+        self.other == 0 && self.unlinks_answered() && self.creates.values().all(|c| c.covered)
+    }
+
+    /// Whether a newer durable record answers every pending unlink.
+    fn unlinks_answered(&self) -> bool {
+        self.unlinked.iter().all(|u| u.answered)
     }
 
     /// Everything applied so far is durable in the store.
@@ -228,7 +231,7 @@ impl Covers {
             return FsyncPlan::Commit;
         }
         let Some(c) = self.creates.get_mut(&ino).filter(|c| !c.covered) else {
-            return if self.unlinked.iter().all(|u| u.answered) {
+            return if self.unlinks_answered() {
                 FsyncPlan::DataOnly
             } else {
                 FsyncPlan::Commit
@@ -266,11 +269,13 @@ impl Covers {
         if let Some(c) = self.creates.get_mut(&ino) {
             c.covered = true;
             // Answered; one the store holds stays, for the later records of the entry.
-            self.unlinked
-                .retain(|u| !u.of(c.parent, &c.name) || u.held.is_some());
-            for u in self.unlinked.iter_mut().filter(|u| u.of(c.parent, &c.name)) {
+            self.unlinked.retain_mut(|u| {
+                if !u.of(c.parent, &c.name) {
+                    return true;
+                }
                 u.answered = true;
-            }
+                u.held.is_some()
+            });
         }
     }
 }
