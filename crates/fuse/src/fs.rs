@@ -443,6 +443,15 @@ impl Core {
         Ok(self.opts.tier.is_some() && self.meta.has_evicted(ino)?)
     }
 
+    /// The inode of `ino` and [`Self::is_cold`], with a tier in one metadata read.
+    pub(crate) fn inode_and_cold(&self, ino: u64) -> FsResult<(cfs_meta::Inode, bool)> {
+        if self.opts.tier.is_some() {
+            Ok(self.meta.inode_and_evicted(ino)?)
+        } else {
+            Ok((self.meta.inode(ino)?, false))
+        }
+    }
+
     /// Deletes an inode whose last link is gone, once nothing references it: queued for the
     /// purge thread (see `purger`).
     pub(crate) fn purge(&self, ino: u64) {

@@ -220,22 +220,24 @@ impl Core {
             Some((inode, f)) => (f, Some(inode)),
             None => (self.flash.open_or_create(ino)?, None),
         };
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         // A file with blobs off flash is served by the daemon, which fetches them on first
         // access; its next open after they are all back gets passthrough again. A file
         // created just now has no blobs anywhere: no metadata read on the create path.
-        let cold = new_inode.is_none() && self.is_cold(ino)?;
+        // A write must clear set-user-ID and set-group-ID, which the kernel leaves to the
+        // daemon (FUSE_HANDLE_KILLPRIV_V2): the daemon must see writes to such files. A new
+        // file's mode is at hand; an existing one's comes in the same read as its blobs.
+        let (cold, set_id) = match new_inode {
+            Some(inode) => (false, writable && crate::fs::has_set_id(inode)),
+            None if writable => {
+                let (inode, cold) = self.inode_and_cold(ino)?;
+                (cold, crate::fs::has_set_id(&inode))
+            }
+            None => (self.is_cold(ino)?, false),
+        };
         // One io mode per inode in the kernel: while a daemon-served handle may still be
         // open there, this one is served by the daemon as well.
         let cached_live = self.live.handles.cached_users(ino) > 0;
-        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        // A write must clear set-user-ID and set-group-ID, which the kernel leaves to the
-        // daemon (FUSE_HANDLE_KILLPRIV_V2): the daemon must see writes to such files. A new
-        // file's mode is at hand.
-        let set_id = writable
-            && match new_inode {
-                Some(inode) => crate::fs::has_set_id(inode),
-                None => crate::fs::has_set_id(&self.meta.inode(ino)?),
-            };
         let created = new_inode.map(crate::handles::Recorded::of);
         let mut backing = None;
         if !cold && !cached_live && !set_id && self.live.passthrough.load(Ordering::Relaxed) {

@@ -813,6 +813,23 @@ impl MetaStore {
         Ok(!evicted_in(&read.open_table(EVICTED)?, ino, 1)?.is_empty())
     }
 
+    /// An inode, and whether any of its blobs is off flash, in one read: what a writable open
+    /// of an existing file needs (its set-id bits, and whether the daemon must serve it).
+    pub fn inode_and_evicted(&self, ino: Ino) -> Result<(Inode, bool)> {
+        if let Some(mut p) = self.open_txn() {
+            return p.read(|t| {
+                let inode = inode_in(t.inodes()?, ino)?;
+                Ok((inode, !evicted_in(t.evicted()?, ino, 1)?.is_empty()))
+            });
+        }
+        let read = self.db.begin_read()?;
+        let inode = inode_in(&read.open_table(INODES)?, ino)?;
+        Ok((
+            inode,
+            !evicted_in(&read.open_table(EVICTED)?, ino, 1)?.is_empty(),
+        ))
+    }
+
     /// Every blob that could leave flash now: committed, present, of a clean file.
     pub fn evict_candidates(&self) -> Result<Vec<EvictCandidate>> {
         self.candidates_in(..)
