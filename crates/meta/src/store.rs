@@ -807,10 +807,10 @@ impl MetaStore {
     pub fn has_evicted(&self, ino: Ino) -> Result<bool> {
         // On every open: read through the open transaction rather than commit it.
         if let Some(mut p) = self.open_txn() {
-            return Ok(!p.read(|t| evicted_in(t.evicted()?, ino, 1))?.is_empty());
+            return p.read(|t| any_evicted_in(t.evicted()?, ino));
         }
         let read = self.db.begin_read()?;
-        Ok(!evicted_in(&read.open_table(EVICTED)?, ino, 1)?.is_empty())
+        any_evicted_in(&read.open_table(EVICTED)?, ino)
     }
 
     /// An inode, and whether any of its blobs is off flash, in one read: what a writable open
@@ -819,15 +819,12 @@ impl MetaStore {
         if let Some(mut p) = self.open_txn() {
             return p.read(|t| {
                 let inode = inode_in(t.inodes()?, ino)?;
-                Ok((inode, !evicted_in(t.evicted()?, ino, 1)?.is_empty()))
+                Ok((inode, any_evicted_in(t.evicted()?, ino)?))
             });
         }
         let read = self.db.begin_read()?;
         let inode = inode_in(&read.open_table(INODES)?, ino)?;
-        Ok((
-            inode,
-            !evicted_in(&read.open_table(EVICTED)?, ino, 1)?.is_empty(),
-        ))
+        Ok((inode, any_evicted_in(&read.open_table(EVICTED)?, ino)?))
     }
 
     /// Every blob that could leave flash now: committed, present, of a clean file.
@@ -941,6 +938,11 @@ fn evicted_in(
                 .map_err(MetaError::from)
         })
         .collect()
+}
+
+/// Whether any blob of `ino` is off flash.
+fn any_evicted_in(evicted: &impl ReadableTable<(u64, u64), u64>, ino: Ino) -> Result<bool> {
+    Ok(!evicted_in(evicted, ino, 1)?.is_empty())
 }
 
 impl Drop for MetaStore {
