@@ -102,7 +102,7 @@ impl BusyPoll {
 
     /// Notes a request from thread `caller` (as the kernel names it in the request): the
     /// thread spins for another window, and is woken if it slept.
-    pub(crate) fn touch(&self, caller: u32) {
+    fn touch(&self, caller: u32) {
         let s = &self.shared;
         let now = s.now();
         // 0: a request the kernel sends on its own behalf.

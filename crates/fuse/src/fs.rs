@@ -220,11 +220,9 @@ impl ClaudeFs {
         }
     }
 
-    /// Notes a request for the busy-poll thread, if there is one.
+    /// Notes a request that moves no data for the busy-poll thread, if there is one.
     pub(crate) fn busy_touch(&self, req: &fuser::Request) {
-        if let Some(b) = &self.busy {
-            b.touch(req.pid());
-        }
+        self.busy_touch_io(req, 0);
     }
 
     /// Notes a READ or WRITE of `bytes` for the busy-poll thread, if there is one (see
