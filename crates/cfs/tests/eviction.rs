@@ -968,6 +968,12 @@ fn sequential_read_of_a_cold_file_drops_pages_behind_the_reader() {
             .write(writable)
             .clone();
         let reader = cold_reader_with(&m, &p, &want, &opts);
+        // `cat` and `cp` read by st_blksize: with direct I/O each `read()` is one request.
+        let blksize = std::os::unix::fs::MetadataExt::blksize(&reader.metadata().expect("fstat"));
+        assert_eq!(
+            blksize, MIB as u64,
+            "{name}: st_blksize should be the 1 MiB of the largest request"
+        );
         // The pages go in the background: wait for them, up to a bound.
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut cached = cached_bytes(&reader, want.len());

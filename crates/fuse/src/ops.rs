@@ -861,8 +861,8 @@ impl Filesystem for ClaudeFs {
                 .contains(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP),
             Ordering::Relaxed,
         );
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(crate::attr::IO_BLOCK);
+        let _ = config.set_max_readahead(crate::attr::IO_BLOCK);
         let _ = config.set_time_granularity(std::time::Duration::from_nanos(1));
         self.live.passthrough.store(passthrough, Ordering::Relaxed);
         if let Some(window) = self.opts.busy_poll {
