@@ -13,11 +13,11 @@ use fuser::{FileAttr, FileType, INodeNo};
 use std::os::unix::fs::MetadataExt;
 
 /// The `st_blksize` every inode reports: the largest request the kernel sends the daemon
-/// (`max_write`, the readahead window). `cat`, `cp` and stdio size their buffers by it, so with 4 KiB
-/// a reader of a cold file (direct I/O, one request per `read()`) paid a round trip per
-/// 128 KiB; with 1 MiB a 4 GiB cold read cost the daemon 22% less CPU and ran 11% faster
-/// (783 against 872 MB/s, medians of four, SeaweedFS on loopback). Network filesystems do
-/// the same (NFS reports its rsize, CephFS its 4 MiB object size).
+/// (`max_write`, the readahead window). `cat`, `cp` and stdio size their buffers by it, so
+/// with 4 KiB a reader of a cold file (direct I/O, one request per `read()`) paid a round
+/// trip per 128 KiB; with 1 MiB a 4 GiB cold read cost the daemon 22% less CPU and ran 11%
+/// faster (783 against 872 MB/s, medians of four, SeaweedFS on loopback). Network
+/// filesystems do the same (NFS reports its rsize, CephFS its 4 MiB object size).
 pub const IO_BLOCK: u32 = 1 << 20;
 
 pub fn file_type(kind: FileKind) -> FileType {
