@@ -128,12 +128,12 @@ impl Status {
         use std::sync::atomic::Ordering::Relaxed;
         let counts = meta.counts()?;
         let flash = FlashDir::open(flash_root)?;
-        let used = flash
-            .scan()?
-            .into_iter()
-            .filter_map(|r| r.ok())
-            .map(|b| b.allocated)
-            .sum();
+        // A running mount's figure may be up to a few seconds old (see `FlashUsage`): a
+        // fresh scan on every call would stat every backing file, seconds with a million.
+        let used = match tier {
+            Some(t) => t.flash_usage.used()?,
+            None => flash.allocated()?,
+        };
         let cap = flash.capacity()?;
         let counts_t = meta.tier_counts()?;
         let oldest = tier.map_or(0, |t| t.uploads.oldest_dirty_since.load(Relaxed));

@@ -184,6 +184,7 @@ impl Tier {
             uploads: Arc::clone(&self.stats),
             log: Arc::clone(&self.log),
             evict: self.evictor.stats(),
+            flash_usage: self.evictor.flash_usage(),
             hydrate: self.hydrator.stats(),
             watermarks: (self.high_pct, self.low_pct),
         }
@@ -196,6 +197,8 @@ pub struct TierStats {
     pub uploads: Arc<UploadStats>,
     pub log: Arc<LogStats>,
     pub evict: Arc<EvictStats>,
+    /// The evictor's gauge of the bytes backing files hold: status reuses its last scan.
+    pub flash_usage: Arc<cfs_flash::FlashUsage>,
     pub hydrate: Arc<HydrateStats>,
     pub watermarks: (u8, u8),
 }

@@ -16,9 +16,11 @@ pub mod origin;
 mod prepared;
 mod refill;
 mod spare;
+mod usage;
 
 pub use moves::{Change, FileTimes, Stat};
 pub use prepared::Reserve;
+pub use usage::FlashUsage;
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -265,6 +267,17 @@ impl FlashDir {
             }
         }
         Ok(out)
+    }
+
+    /// Bytes all backing files occupy on disk, summed by a [`FlashDir::scan`] now. A running
+    /// mount asks its [`FlashUsage`] instead, which reuses a recent scan.
+    pub fn allocated(&self) -> io::Result<u64> {
+        Ok(self
+            .scan()?
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .map(|b| b.allocated)
+            .sum())
     }
 
     /// Drops `range` of the backing file from flash by punching a hole (the size stays), and

@@ -11,7 +11,7 @@
 //! mount, then least recently opened), until usage is back under the low watermark.
 
 use crate::key::BLOB_SIZE;
-use cfs_flash::FlashDir;
+use cfs_flash::{FlashDir, FlashUsage};
 use cfs_meta::{EvictCandidate, Ino, MetaStore, Op, Outcome, TIER_XATTR};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -63,27 +63,9 @@ pub struct Evictor {
     /// Set while usage is above the high watermark: the uploader then flushes everything.
     pressure: Arc<AtomicBool>,
     stats: Arc<EvictStats>,
-    /// The last scan of the flash directory, with a capped capacity (see [`Evictor::usage`]).
-    scanned: parking_lot::Mutex<Option<Scan>>,
-    /// Set by [`Evictor::kick`]: a writer found flash full, so the next pass scans afresh.
-    rescan: AtomicBool,
+    /// Bytes the backing files hold, with a capped capacity (shared with `cfs status`).
+    usage: Arc<FlashUsage>,
 }
-
-/// One measurement of the bytes the backing files hold.
-#[derive(Debug, Clone, Copy)]
-struct Scan {
-    at: Instant,
-    took: Duration,
-    used: u64,
-}
-
-/// A scan of the flash directory stats every backing file. It is repeated `SCAN_SPACING`
-/// times its own duration apart, within [`IDLE_INTERVAL`] and [`SCAN_INTERVAL_MAX`], so that
-/// measuring usage costs about 5% of a core with many files (a million take seconds to scan,
-/// and it ran every second), while writes between scans stay bounded in time.
-const SCAN_SPACING: u32 = 20;
-/// The longest a scan's figure is used; a writer that finds flash full forces a new one.
-const SCAN_INTERVAL_MAX: Duration = Duration::from_secs(30);
 
 /// How often usage is measured when nothing wakes the evictor.
 const IDLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -99,6 +81,7 @@ impl Evictor {
     ) -> Arc<Evictor> {
         Arc::new(Evictor {
             meta,
+            usage: Arc::new(FlashUsage::new(flash.clone())),
             flash,
             cfg,
             open,
@@ -106,8 +89,6 @@ impl Evictor {
             wake: tokio::sync::Notify::new(),
             pressure: Arc::default(),
             stats: Arc::default(),
-            scanned: parking_lot::Mutex::new(None),
-            rescan: AtomicBool::new(false),
         })
     }
 
@@ -128,40 +109,22 @@ impl Evictor {
 
     /// Wakes the evictor to measure usage now (a writer found flash full).
     pub fn kick(&self) {
-        self.rescan.store(true, Ordering::Relaxed);
+        self.usage.rescan();
         self.wake.notify_one();
+    }
+
+    /// The gauge of the bytes the backing files hold, for `cfs status` to share: one scan
+    /// serves both.
+    pub fn flash_usage(&self) -> Arc<FlashUsage> {
+        Arc::clone(&self.usage)
     }
 
     /// Bytes used and the capacity they count against. With a capped capacity that is the
     /// sum of the backing files' allocated bytes, from a scan no older than its spacing
-    /// allows (see [`SCAN_SPACING`]).
+    /// allows (see [`FlashUsage`]).
     pub fn usage(&self) -> std::io::Result<(u64, u64)> {
         match self.cfg.capacity {
-            Some(cap) => {
-                let forced = self.rescan.swap(false, Ordering::Relaxed);
-                let last = *self.scanned.lock();
-                if let Some(scan) = last
-                    && !forced
-                    && scan.at.elapsed()
-                        < (scan.took * SCAN_SPACING).clamp(IDLE_INTERVAL, SCAN_INTERVAL_MAX)
-                {
-                    return Ok((scan.used, cap));
-                }
-                let started = Instant::now();
-                let used = self
-                    .flash
-                    .scan()?
-                    .into_iter()
-                    .filter_map(|e| e.ok())
-                    .map(|b| b.allocated)
-                    .sum();
-                *self.scanned.lock() = Some(Scan {
-                    at: Instant::now(),
-                    took: started.elapsed(),
-                    used,
-                });
-                Ok((used, cap))
-            }
+            Some(cap) => Ok((self.usage.used()?, cap)),
             None => {
                 let c = self.flash.capacity()?;
                 let total = c.blocks * c.block_size;
@@ -247,7 +210,7 @@ impl Evictor {
             }
         }
         if !over {
-            self.freed(freed);
+            self.usage.freed(freed);
             return;
         }
         // Coldest first: never used in this mount, then least recently used.
@@ -268,21 +231,14 @@ impl Evictor {
                 used_now = used_now.saturating_sub(self.evict_file(ino, blobs));
             }
         }
-        self.freed(used.saturating_sub(used_now));
+        // Off the last scan's figure, so the next pass does not count them until it rescans.
+        self.usage.freed(used.saturating_sub(used_now));
         if used_now > high {
             tracing::debug!(
                 used = used_now,
                 capacity = cap,
                 "flash still past the high watermark: the rest is dirty, open or pinned"
             );
-        }
-    }
-
-    /// Takes bytes this pass punched out of flash off the last scan's figure, so the next
-    /// pass does not see them until the next scan.
-    fn freed(&self, bytes: u64) {
-        if let Some(scan) = self.scanned.lock().as_mut() {
-            scan.used = scan.used.saturating_sub(bytes);
         }
     }
 
@@ -405,9 +361,12 @@ mod tests {
             "the last scan is reused"
         );
         evictor.kick();
-        assert!(
-            evictor.usage().expect("usage").0 >= 1 << 20,
-            "a kick rescans"
+        let (after, _) = evictor.usage().expect("usage");
+        assert!(after >= 1 << 20, "a kick rescans");
+        assert_eq!(
+            evictor.flash_usage().used().expect("usage"),
+            after,
+            "cfs status is handed the evictor's own figure"
         );
     }
 }
