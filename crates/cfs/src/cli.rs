@@ -117,24 +117,8 @@ pub struct MountArgs {
     #[arg(long, value_name = "URL")]
     pub object_store: Option<String>,
 
-    /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
-    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or else from the
-    /// AWS shared files (~/.aws/credentials and ~/.aws/config, profile AWS_PROFILE).
-    #[arg(long, value_name = "URL")]
-    pub s3_endpoint: Option<String>,
-
-    /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
-    #[arg(long)]
-    pub s3_region: Option<String>,
-
-    /// How upload bodies are checked on their way to an s3:// server. `crc64nvme`: an
-    /// x-amz-checksum-crc64nvme header the server checks, the body left out of the
-    /// signature, as the AWS SDKs do (cheap). `signed`: SigV4 signs the body's SHA-256 (any
-    /// server; costs CPU on every upload). `none`: for a server that rejects the checksum
-    /// header. Default: crc64nvme, or what AWS_UNSIGNED_PAYLOAD / AWS_CHECKSUM_ALGORITHM say.
-    /// Recorded in DIR/tier.json like the endpoint.
-    #[arg(long, value_name = "crc64nvme|signed|none")]
-    pub s3_checksum: Option<cfs_tier::S3Checksum>,
+    #[command(flatten)]
+    pub s3: S3Args,
 
     /// Files uploaded concurrently.
     #[arg(long, value_name = "N", default_value_t = 4)]
@@ -331,24 +315,8 @@ pub struct RepairArgs {
     #[arg(long, value_name = "ID")]
     pub fs_id: Option<String>,
 
-    /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
-    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or else from the
-    /// AWS shared files (~/.aws/credentials and ~/.aws/config, profile AWS_PROFILE).
-    #[arg(long, value_name = "URL")]
-    pub s3_endpoint: Option<String>,
-
-    /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
-    #[arg(long)]
-    pub s3_region: Option<String>,
-
-    /// How upload bodies are checked on their way to an s3:// server. `crc64nvme`: an
-    /// x-amz-checksum-crc64nvme header the server checks, the body left out of the
-    /// signature, as the AWS SDKs do (cheap). `signed`: SigV4 signs the body's SHA-256 (any
-    /// server; costs CPU on every upload). `none`: for a server that rejects the checksum
-    /// header. Default: crc64nvme, or what AWS_UNSIGNED_PAYLOAD / AWS_CHECKSUM_ALGORITHM say.
-    /// Recorded in DIR/tier.json like the endpoint.
-    #[arg(long, value_name = "crc64nvme|signed|none")]
-    pub s3_checksum: Option<cfs_tier::S3Checksum>,
+    #[command(flatten)]
+    pub s3: S3Args,
 
     /// Rebuild the metadata only. Every file is then fetched from the store when it is
     /// first read, so the filesystem is usable at once, but reads need the store.
@@ -358,6 +326,60 @@ pub struct RepairArgs {
     /// Blobs downloaded at once.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub jobs: usize,
+}
+
+/// How to reach an S3-compatible server for s3:// URLs: the same flags for `cfs mount` and
+/// `cfs repair`, kept with the store's URL in DIR/tier.json.
+#[derive(Args, Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct S3Args {
+    /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
+    /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or else from the
+    /// AWS shared files (~/.aws/credentials and ~/.aws/config, profile AWS_PROFILE).
+    #[arg(long, value_name = "URL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+
+    /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+
+    /// How upload bodies are checked on their way to an s3:// server. `crc64nvme`: an
+    /// x-amz-checksum-crc64nvme header the server checks, the body left out of the
+    /// signature, as the AWS SDKs do (cheap). `signed`: SigV4 signs the body's SHA-256 (any
+    /// server; costs CPU on every upload). `none`: for a server that rejects the checksum
+    /// header. Default: crc64nvme, or what AWS_UNSIGNED_PAYLOAD / AWS_CHECKSUM_ALGORITHM say.
+    /// Recorded in DIR/tier.json like the endpoint.
+    #[arg(long, value_name = "crc64nvme|signed|none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_checksum: Option<cfs_tier::S3Checksum>,
+}
+
+impl S3Args {
+    /// These flags where they were given, else `bound`'s: a server may move to a new address, and
+    /// what the command line leaves out stays as recorded.
+    pub fn or(self, bound: S3Args) -> S3Args {
+        S3Args {
+            s3_endpoint: self.s3_endpoint.or(bound.s3_endpoint),
+            s3_region: self.s3_region.or(bound.s3_region),
+            s3_checksum: self.s3_checksum.or(bound.s3_checksum),
+        }
+    }
+
+    /// The flags that give these settings, for a command line that passes them on.
+    pub fn to_flags(&self) -> Vec<String> {
+        let mut flags = Vec::new();
+        for (flag, value) in [
+            ("--s3-endpoint", self.s3_endpoint.clone()),
+            ("--s3-region", self.s3_region.clone()),
+            ("--s3-checksum", self.s3_checksum.map(|c| c.to_string())),
+        ] {
+            if let Some(v) = value {
+                flags.extend([flag.to_string(), v]);
+            }
+        }
+        flags
+    }
 }
 
 #[derive(Args, Debug)]
@@ -377,7 +399,8 @@ pub struct BenchCliArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::BusyPoll;
+    use super::{BusyPoll, Cli, Command, S3Args};
+    use clap::Parser;
 
     #[test]
     fn busy_poll_takes_auto_off_or_microseconds_up_to_a_second() {
@@ -393,5 +416,39 @@ mod tests {
         for v in [BusyPoll::Auto, BusyPoll::Micros(0), BusyPoll::Micros(250)] {
             assert_eq!(v.to_string().parse(), Ok(v));
         }
+    }
+
+    fn mount_s3(args: &[&str]) -> S3Args {
+        let argv = ["cfs", "mount", "/mnt"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Mount(m) => m.s3,
+            other => panic!("not a mount: {other:?}"),
+        }
+    }
+
+    /// What `cfs mount --background` passes its child parses back the same, and flags
+    /// left out keep what tier.json recorded.
+    #[test]
+    fn s3_flags_pass_on_and_fall_back_to_the_recorded_ones() {
+        let given = mount_s3(&[
+            "--s3-endpoint",
+            "http://10.0.0.5:9000",
+            "--s3-checksum",
+            "signed",
+        ]);
+        assert_eq!(given.s3_checksum, Some(cfs_tier::S3Checksum::Signed));
+        let flags = given.to_flags();
+        let passed: Vec<&str> = flags.iter().map(String::as_str).collect();
+        assert_eq!(mount_s3(&passed), given);
+        assert_eq!(mount_s3(&[]).to_flags(), Vec::<String>::new());
+        let recorded = S3Args {
+            s3_endpoint: Some("http://old:9000".into()),
+            s3_region: Some("eu-west-1".into()),
+            s3_checksum: None,
+        };
+        let merged = given.clone().or(recorded);
+        assert_eq!(merged.s3_endpoint, given.s3_endpoint);
+        assert_eq!(merged.s3_region.as_deref(), Some("eu-west-1"));
+        assert_eq!(merged.s3_checksum, given.s3_checksum);
     }
 }

@@ -278,12 +278,9 @@ fn record_backing_file(
 pub struct TierConfig {
     /// `s3://bucket/prefix`, `file:///abs/path` or `memory://`.
     pub url: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3_endpoint: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3_region: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3_checksum: Option<cfs_tier::S3Checksum>,
+    /// Endpoint, region and checksum, as `cfs mount` or `cfs repair` was given them.
+    #[serde(flatten)]
+    pub s3: crate::cli::S3Args,
 }
 
 impl TierConfig {
@@ -309,9 +306,9 @@ impl TierConfig {
             .parse()
             .with_context(|| format!("bad object store URL {url:?}"))?;
         let opts = cfs_tier::S3Options {
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
-            checksum: self.s3_checksum,
+            endpoint: self.s3.s3_endpoint.clone(),
+            region: self.s3.s3_region.clone(),
+            checksum: self.s3.s3_checksum,
             ..cfs_tier::S3Options::default()
         };
         if matches!(parsed, cfs_tier::StoreUrl::S3 { .. }) {

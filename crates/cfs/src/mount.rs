@@ -366,9 +366,7 @@ fn raise_readahead(mountpoint: &Path) {
 fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> Result<TierConfig> {
     let asked = args.object_store.as_ref().map(|url| TierConfig {
         url: url.clone(),
-        s3_endpoint: args.s3_endpoint.clone(),
-        s3_region: args.s3_region.clone(),
-        s3_checksum: args.s3_checksum,
+        s3: args.s3.clone(),
     });
     if let Some(bound) = TierConfig::load(dir)? {
         if let Some(asked) = &asked
@@ -386,9 +384,7 @@ fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> 
         // may not.
         let mut cfg = bound;
         if let Some(asked) = asked {
-            cfg.s3_endpoint = asked.s3_endpoint.or(cfg.s3_endpoint);
-            cfg.s3_region = asked.s3_region.or(cfg.s3_region);
-            cfg.s3_checksum = asked.s3_checksum.or(cfg.s3_checksum);
+            cfg.s3 = asked.s3.or(cfg.s3);
         }
         return Ok(cfg);
     }
@@ -400,9 +396,7 @@ fn resolve_tier(args: &MountArgs, dir: &DataDir, meta: &cfs_meta::MetaStore) -> 
                 .with_context(|| format!("cannot create {}", objects.display()))?;
             TierConfig {
                 url: format!("file://{}", objects.display()),
-                s3_endpoint: None,
-                s3_region: None,
-                s3_checksum: None,
+                s3: Default::default(),
             }
         }
     };
@@ -500,18 +494,10 @@ fn spawn_background(args: &MountArgs, data_dir: &Path, mountpoint: &Path) -> Res
     if let Some(cap) = args.flash_capacity {
         cmd.arg("--flash-capacity").arg(cap.to_string());
     }
-    for (flag, value) in [
-        ("--object-store", &args.object_store),
-        ("--s3-endpoint", &args.s3_endpoint),
-        ("--s3-region", &args.s3_region),
-    ] {
-        if let Some(v) = value {
-            cmd.arg(flag).arg(v);
-        }
+    if let Some(url) = &args.object_store {
+        cmd.arg("--object-store").arg(url);
     }
-    if let Some(c) = args.s3_checksum {
-        cmd.arg("--s3-checksum").arg(c.to_string());
-    }
+    cmd.args(args.s3.to_flags());
     for (flag, on) in [
         ("--no-passthrough", args.no_passthrough),
         ("--read-only", args.read_only),

@@ -55,9 +55,7 @@ pub fn run(args: RepairArgs) -> Result<()> {
     let dir = DataDir::new(&root);
     let cfg = TierConfig {
         url: args.from_s3.clone(),
-        s3_endpoint: args.s3_endpoint.clone(),
-        s3_region: args.s3_region.clone(),
-        s3_checksum: args.s3_checksum,
+        s3: args.s3.clone(),
     };
     let url: cfs_tier::StoreUrl = cfg
         .url
