@@ -23,7 +23,7 @@ pub const MAX_AGE: Duration = Duration::from_secs(30);
 /// One measurement of the bytes the backing files hold.
 #[derive(Debug, Clone, Copy)]
 struct Scan {
-    at: Instant,
+    started: Instant,
     took: Duration,
     used: u64,
 }
@@ -53,14 +53,15 @@ impl FlashUsage {
         let forced = self.stale.swap(false, Ordering::Relaxed);
         if let Some(scan) = *last
             && !forced
-            && scan.at.elapsed() < (scan.took * SCAN_SPACING).clamp(MIN_AGE, MAX_AGE)
+            && (scan.started + scan.took).elapsed()
+                < (scan.took * SCAN_SPACING).clamp(MIN_AGE, MAX_AGE)
         {
             return Ok(scan.used);
         }
         let started = Instant::now();
         let used = self.flash.allocated()?;
         *last = Some(Scan {
-            at: Instant::now(),
+            started,
             took: started.elapsed(),
             used,
         });
@@ -72,10 +73,15 @@ impl FlashUsage {
         self.stale.store(true, Ordering::Relaxed);
     }
 
-    /// Takes bytes punched out of flash off the last figure, so that callers do not see
-    /// them until the next scan.
-    pub fn freed(&self, bytes: u64) {
-        if let Some(scan) = self.last.lock().as_mut() {
+    /// Takes `bytes`, punched out of flash after `since`, off the last figure, so that
+    /// callers do not count them until the next scan. A scan that began after `since` (one
+    /// `cfs status` asked for meanwhile) may have seen them gone already, so its figure is
+    /// left as it is: counting punched bytes a while longer only evicts a little more,
+    /// while taking them off twice could let writes past the capacity.
+    pub fn freed(&self, bytes: u64, since: Instant) {
+        if let Some(scan) = self.last.lock().as_mut()
+            && scan.started <= since
+        {
             scan.used = scan.used.saturating_sub(bytes);
         }
     }
@@ -92,7 +98,7 @@ mod tests {
     }
 
     /// The figure is reused until its spacing has passed, `rescan` forces a new one, and
-    /// `freed` lowers the kept figure.
+    /// `freed` lowers the kept figure, unless that scan began after the bytes were read.
     #[test]
     fn a_scan_is_reused_until_forced_and_freed_lowers_it() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -108,7 +114,13 @@ mod tests {
         usage.rescan();
         let seen = usage.used().expect("usage");
         assert!(seen >= 1 << 20, "a rescan sees the new file: {seen}");
-        usage.freed(1 << 20);
+        let read = Instant::now();
+        usage.freed(1 << 20, read);
         assert_eq!(usage.used().expect("usage"), seen - (1 << 20));
+        // Bytes punched before the kept scan began are not taken off again.
+        usage.rescan();
+        let rescanned = usage.used().expect("usage");
+        usage.freed(1 << 20, read);
+        assert_eq!(usage.used().expect("usage"), rescanned);
     }
 }

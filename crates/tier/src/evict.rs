@@ -170,6 +170,8 @@ impl Evictor {
                 return;
             }
         };
+        // Before anything this pass punches: a scan begun later may already miss those bytes.
+        let read_at = Instant::now();
         self.stats.flash_used.store(used, Ordering::Relaxed);
         self.stats.flash_capacity.store(cap, Ordering::Relaxed);
         let high = cap / 100 * u64::from(self.cfg.high_pct);
@@ -210,7 +212,7 @@ impl Evictor {
             }
         }
         if !over {
-            self.usage.freed(freed);
+            self.usage.freed(freed, read_at);
             return;
         }
         // Coldest first: never used in this mount, then least recently used.
@@ -232,7 +234,7 @@ impl Evictor {
             }
         }
         // Off the last scan's figure, so the next pass does not count them until it rescans.
-        self.usage.freed(used.saturating_sub(used_now));
+        self.usage.freed(used.saturating_sub(used_now), read_at);
         if used_now > high {
             tracing::debug!(
                 used = used_now,
