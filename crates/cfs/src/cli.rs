@@ -335,14 +335,18 @@ pub struct S3Args {
     /// Endpoint of an S3-compatible server for s3:// URLs, e.g. http://127.0.0.1:9000.
     /// Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or else from the
     /// AWS shared files (~/.aws/credentials and ~/.aws/config, profile AWS_PROFILE).
-    #[arg(long, value_name = "URL")]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3_endpoint: Option<String>,
+    #[arg(long = "s3-endpoint", value_name = "URL")]
+    #[serde(
+        rename = "s3_endpoint",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub endpoint: Option<String>,
 
     /// Region for s3:// URLs (default: AWS_REGION, else us-east-1).
-    #[arg(long)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3_region: Option<String>,
+    #[arg(long = "s3-region", value_name = "REGION")]
+    #[serde(rename = "s3_region", default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 
     /// How upload bodies are checked on their way to an s3:// server. `crc64nvme`: an
     /// x-amz-checksum-crc64nvme header the server checks, the body left out of the
@@ -350,9 +354,13 @@ pub struct S3Args {
     /// server; costs CPU on every upload). `none`: for a server that rejects the checksum
     /// header. Default: crc64nvme, or what AWS_UNSIGNED_PAYLOAD / AWS_CHECKSUM_ALGORITHM say.
     /// Recorded in DIR/tier.json like the endpoint.
-    #[arg(long, value_name = "crc64nvme|signed|none")]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub s3_checksum: Option<cfs_tier::S3Checksum>,
+    #[arg(long = "s3-checksum", value_name = "crc64nvme|signed|none")]
+    #[serde(
+        rename = "s3_checksum",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub checksum: Option<cfs_tier::S3Checksum>,
 }
 
 impl S3Args {
@@ -360,9 +368,9 @@ impl S3Args {
     /// what the command line leaves out stays as recorded.
     pub fn or(self, bound: S3Args) -> S3Args {
         S3Args {
-            s3_endpoint: self.s3_endpoint.or(bound.s3_endpoint),
-            s3_region: self.s3_region.or(bound.s3_region),
-            s3_checksum: self.s3_checksum.or(bound.s3_checksum),
+            endpoint: self.endpoint.or(bound.endpoint),
+            region: self.region.or(bound.region),
+            checksum: self.checksum.or(bound.checksum),
         }
     }
 
@@ -370,9 +378,9 @@ impl S3Args {
     pub fn to_flags(&self) -> Vec<String> {
         let mut flags = Vec::new();
         for (flag, value) in [
-            ("--s3-endpoint", self.s3_endpoint.clone()),
-            ("--s3-region", self.s3_region.clone()),
-            ("--s3-checksum", self.s3_checksum.map(|c| c.to_string())),
+            ("--s3-endpoint", self.endpoint.clone()),
+            ("--s3-region", self.region.clone()),
+            ("--s3-checksum", self.checksum.map(|c| c.to_string())),
         ] {
             if let Some(v) = value {
                 flags.extend([flag.to_string(), v]);
@@ -436,19 +444,19 @@ mod tests {
             "--s3-checksum",
             "signed",
         ]);
-        assert_eq!(given.s3_checksum, Some(cfs_tier::S3Checksum::Signed));
+        assert_eq!(given.checksum, Some(cfs_tier::S3Checksum::Signed));
         let flags = given.to_flags();
         let passed: Vec<&str> = flags.iter().map(String::as_str).collect();
         assert_eq!(mount_s3(&passed), given);
         assert_eq!(mount_s3(&[]).to_flags(), Vec::<String>::new());
         let recorded = S3Args {
-            s3_endpoint: Some("http://old:9000".into()),
-            s3_region: Some("eu-west-1".into()),
-            s3_checksum: None,
+            endpoint: Some("http://old:9000".into()),
+            region: Some("eu-west-1".into()),
+            checksum: None,
         };
         let merged = given.clone().or(recorded);
-        assert_eq!(merged.s3_endpoint, given.s3_endpoint);
-        assert_eq!(merged.s3_region.as_deref(), Some("eu-west-1"));
-        assert_eq!(merged.s3_checksum, given.s3_checksum);
+        assert_eq!(merged.endpoint, given.endpoint);
+        assert_eq!(merged.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(merged.checksum, given.checksum);
     }
 }

@@ -306,9 +306,9 @@ impl TierConfig {
             .parse()
             .with_context(|| format!("bad object store URL {url:?}"))?;
         let opts = cfs_tier::S3Options {
-            endpoint: self.s3.s3_endpoint.clone(),
-            region: self.s3.s3_region.clone(),
-            checksum: self.s3.s3_checksum,
+            endpoint: self.s3.endpoint.clone(),
+            region: self.s3.region.clone(),
+            checksum: self.s3.checksum,
             ..cfs_tier::S3Options::default()
         };
         if matches!(parsed, cfs_tier::StoreUrl::S3 { .. }) {
