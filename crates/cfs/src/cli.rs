@@ -364,8 +364,8 @@ pub struct S3Args {
 }
 
 impl S3Args {
-    /// These flags where they were given, else `bound`'s: a server may move to a new address, and
-    /// what the command line leaves out stays as recorded.
+    /// These flags where they were given, else `bound`'s: a server may move to a new
+    /// address, and what the command line leaves out stays as recorded.
     pub fn or(self, bound: S3Args) -> S3Args {
         S3Args {
             endpoint: self.endpoint.or(bound.endpoint),

@@ -127,12 +127,16 @@ impl Status {
     ) -> Result<Status> {
         use std::sync::atomic::Ordering::Relaxed;
         let counts = meta.counts()?;
-        let flash = FlashDir::open(flash_root)?;
-        // A running mount's figure may be up to a few seconds old (see `FlashUsage`): a
-        // fresh scan on every call would stat every backing file, seconds with a million.
-        let used = match tier {
-            Some(t) => t.flash_usage.used()?,
-            None => flash.allocated()?,
+        let (flash, used) = match tier {
+            // The mount's own flash directory, not opened again (opening makes any shard
+            // that is missing). Its figure may be up to 30 s old (see `FlashUsage`): a fresh
+            // scan on every call would stat every backing file, seconds with a million.
+            Some(t) => (t.flash_usage.flash().clone(), t.flash_usage.used()?),
+            None => {
+                let flash = FlashDir::open(flash_root)?;
+                let used = flash.allocated()?;
+                (flash, used)
+            }
         };
         let cap = flash.capacity()?;
         let counts_t = meta.tier_counts()?;

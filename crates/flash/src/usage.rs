@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 const SCAN_SPACING: u32 = 20;
 /// A figure younger than this is always reused: a small tree scans in microseconds, and
 /// nothing needs usage more often than every second.
-pub const MIN_AGE: Duration = Duration::from_secs(1);
+const MIN_AGE: Duration = Duration::from_secs(1);
 /// The longest a figure is reused, however long its scan took; [`FlashUsage::rescan`] forces
 /// a new one sooner.
-pub const MAX_AGE: Duration = Duration::from_secs(30);
+const MAX_AGE: Duration = Duration::from_secs(30);
 
 /// One measurement of the bytes the backing files hold.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +45,11 @@ impl FlashUsage {
             last: parking_lot::Mutex::new(None),
             stale: AtomicBool::new(false),
         }
+    }
+
+    /// The flash directory this gauge scans: a running mount's, already open.
+    pub fn flash(&self) -> &FlashDir {
+        &self.flash
     }
 
     /// Bytes the backing files hold, from a scan no older than its spacing allows.
