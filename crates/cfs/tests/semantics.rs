@@ -396,6 +396,40 @@ fn statfs_timestamps_and_inode_numbers() {
     );
 }
 
+/// A create's answer carries the new file's attributes, which the kernel keeps for the attribute
+/// TTL (an hour by default) without asking again, and the daemon builds them from the inode
+/// without a stat of the backing file. They must be what the daemon reports once it is asked:
+/// after a remount, from a cold kernel cache. Enough creates to take both backing files
+/// prepared ahead and newly made ones.
+#[test]
+fn a_new_files_attributes_are_what_a_later_stat_shows() {
+    let root = scratch("created-attrs");
+    let mut m = Mount::start(root.path(), &[]);
+    let fields = |md: &std::fs::Metadata| {
+        (
+            (md.size(), md.blocks(), md.mode(), md.nlink(), md.uid()),
+            (md.atime(), md.atime_nsec()),
+            (md.mtime(), md.mtime_nsec()),
+            (md.ctime(), md.ctime_nsec()),
+        )
+    };
+    let mut created = Vec::new();
+    for i in 0..300 {
+        let name = format!("f{i}");
+        let file = std::fs::File::create_new(m.path(&name)).expect("create");
+        created.push((name, fields(&file.metadata().expect("fstat"))));
+    }
+    m.unmount();
+    m.remount();
+    for (name, at_create) in created {
+        let later = fields(&std::fs::metadata(m.path(&name)).expect("stat"));
+        assert_eq!(
+            later, at_create,
+            "{name}: the create's attributes against a later stat"
+        );
+    }
+}
+
 /// Deleted files are purged by a background thread after the kernel forgets them, and their
 /// backing files become spares that new files reuse. An unmount purges everything queued, so
 /// the flash directory then holds exactly the live files' backing files.

@@ -597,7 +597,10 @@ impl Core {
             Ok(created) => created,
             Err(e) => return reply.error(fail("create", e)),
         };
-        let (ttl, attr, fh) = (&self.opts.entry_ttl, self.attr_of(&inode), FileHandle(fh));
+        // The new backing file is empty and was just given the inode's times (`create_node`),
+        // so its attributes are the inode's: the create path need not stat it.
+        let attr = crate::attr::to_file_attr(&inode, None);
+        let (ttl, fh) = (&self.opts.entry_ttl, FileHandle(fh));
         match backing {
             Some(id) => reply.created_passthrough(ttl, &attr, Generation(0), fh, flags, &id),
             None => reply.created(ttl, &attr, Generation(0), fh, flags),
