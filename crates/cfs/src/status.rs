@@ -127,15 +127,15 @@ impl Status {
     ) -> Result<Status> {
         use std::sync::atomic::Ordering::Relaxed;
         let counts = meta.counts()?;
+        let opened;
         let (flash, used) = match tier {
             // The mount's own flash directory, not opened again (opening makes any shard
             // that is missing). Its figure may be up to 30 s old (see `FlashUsage`): a fresh
             // scan on every call would stat every backing file, seconds with a million.
-            Some(t) => (t.flash_usage.flash().clone(), t.flash_usage.used()?),
+            Some(t) => (t.flash_usage.flash(), t.flash_usage.used()?),
             None => {
-                let flash = FlashDir::open(flash_root)?;
-                let used = flash.allocated()?;
-                (flash, used)
+                opened = FlashDir::open(flash_root)?;
+                (&opened, opened.allocated()?)
             }
         };
         let cap = flash.capacity()?;
