@@ -213,3 +213,46 @@ fn kill9_during_uploads_resumes_with_no_lost_blob_and_no_dangling_key() {
     let s = wait_for_objects(&m, &store, &want);
     assert_eq!(s["tier"]["blobs_stored"], want.len());
 }
+
+/// A rewrite in place that keeps the size, whose times are then put back before the close
+/// (what `rsync --inplace -t` and `tar` do), changed the data all the same: it must be
+/// uploaded again. Passthrough writes bypass the daemon, which sees them only by their effect
+/// on the backing file's size and mtime, and the `utimes` undoes the mtime's.
+#[test]
+fn same_size_rewrite_with_times_put_back_is_uploaded_again() {
+    let root = scratch("tier-times");
+    let store = root.path().join("objects");
+    let url = format!("file://{}", store.display());
+    let m = Mount::start(
+        root.path(),
+        &["--object-store", &url, "--checkpoint-interval", "1"],
+    );
+    let path = m.path("kept");
+    std::fs::write(&path, pattern(1, 4096)).expect("write");
+    let i = ino(&path);
+    wait_for_objects(&m, &store, &[format!("{i}/0/1")].into());
+    let before = std::fs::metadata(&path).expect("stat");
+    let mtime = before.modified().expect("mtime");
+    // Past the clock's granularity, so that the rewrite moves the backing file's mtime.
+    std::thread::sleep(Duration::from_millis(20));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open");
+        f.write_all_at(&pattern(2, 4096), 0).expect("rewrite");
+        f.set_times(std::fs::FileTimes::new().set_modified(mtime))
+            .expect("utimes");
+    }
+    assert_eq!(
+        std::fs::metadata(&path)
+            .expect("stat")
+            .modified()
+            .expect("mtime"),
+        mtime
+    );
+    wait_for_objects(&m, &store, &[format!("{i}/0/2")].into());
+    let obj = std::fs::read(blob_object(&store, &format!("{i}/0/2"))).expect("object");
+    assert!(obj == pattern(2, 4096), "the object holds the old bytes");
+}

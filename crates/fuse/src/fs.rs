@@ -270,40 +270,59 @@ impl Core {
     /// Closing a file that was opened for writing but not written costs no metadata commit.
     /// Returns the backing file's size as read here (`None`: it has none).
     pub(crate) fn sync_data_attr(&self, ino: u64, written: bool) -> FsResult<Option<u64>> {
-        let Some(d) = DataAttr::read(&self.flash, ino) else {
+        let Some(DataSync { size, ops }) = self.data_sync(ino) else {
             return Ok(None);
         };
-        if let Ok(inode) = self.meta.inode(ino)
-            && inode.size == d.size
-            && inode.mtime == d.mtime
-        {
+        if ops.is_empty() {
             if written {
                 self.data_changed(ino)?;
             }
-            return Ok(Some(d.size));
-        }
-        let mut ops = vec![Op::SyncData {
-            ino,
-            size: d.size,
-            atime: d.atime,
-            mtime: d.mtime,
-            ctime: d.ctime,
-        }];
-        // With a tier the upload mark goes in the same commit: one commit per file written
-        // and closed, not two.
-        if self.opts.tier.is_some() {
-            ops.push(Op::MarkDirty { ino });
+            return Ok(Some(size));
         }
         match self.meta.execute_batch(&ops) {
-            Ok(_) => {
-                if let Some(tier) = &self.opts.tier {
-                    tier.data_changed(ino);
-                }
-            }
+            Ok(_) => self.queued(&ops),
             Err(cfs_meta::MetaError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        Ok(Some(d.size))
+        Ok(Some(size))
+    }
+
+    /// What [`Core::sync_data_attr`] commits for `ino`, without committing it, so that a
+    /// caller can put it in the same commit as its own operation. `None`: no backing file.
+    pub(crate) fn data_sync(&self, ino: u64) -> Option<DataSync> {
+        let d = DataAttr::read(&self.flash, ino)?;
+        let mut ops = Vec::new();
+        if !self
+            .meta
+            .inode(ino)
+            .is_ok_and(|inode| inode.size == d.size && inode.mtime == d.mtime)
+        {
+            ops.push(Op::SyncData {
+                ino,
+                size: d.size,
+                atime: d.atime,
+                mtime: d.mtime,
+                ctime: d.ctime,
+            });
+            // With a tier the upload mark goes in the same commit: one commit per file
+            // written and closed, not two.
+            if self.opts.tier.is_some() {
+                ops.push(Op::MarkDirty { ino });
+            }
+        }
+        Some(DataSync { size: d.size, ops })
+    }
+
+    /// Tells the tier of each file whose upload mark `committed` (operations just applied)
+    /// set.
+    pub(crate) fn queued(&self, committed: &[Op]) {
+        if let Some(tier) = &self.opts.tier {
+            for op in committed {
+                if let Op::MarkDirty { ino } = op {
+                    tier.data_changed(*ino);
+                }
+            }
+        }
     }
 
     /// Clears set-user-ID, set-group-ID and the `security.capability` xattr of `ino` after a
@@ -484,4 +503,11 @@ fn without_set_id(inode: &cfs_meta::Inode) -> Option<u32> {
         perm &= !S_ISGID;
     }
     (perm != inode.perm).then_some(perm)
+}
+
+/// A backing file's size as read, and the operations that record it and its times in the
+/// file's inode (none when the inode already holds them).
+pub(crate) struct DataSync {
+    pub size: u64,
+    pub ops: Vec<Op>,
 }

@@ -491,11 +491,23 @@ impl Core {
             atime: atime.map(time_or_now),
             mtime: mtime.map(time_or_now),
         };
-        let inode = Self::inode_outcome(self.meta.execute(&Op::SetAttr {
+        // New times hide what passthrough writes did to the backing file's mtime, by which
+        // alone the daemon sees them (see `sync_data_attr`): record those writes, and queue
+        // the file for upload, in the same commit as the times. A same-size rewrite whose
+        // times `tar` or `rsync -t` then put back is otherwise never uploaded.
+        let mut ops = if attr.atime.is_some() || attr.mtime.is_some() {
+            self.data_sync(ino.0).map_or_else(Vec::new, |sync| sync.ops)
+        } else {
+            Vec::new()
+        };
+        ops.push(Op::SetAttr {
             ino: ino.0,
             attr: attr.clone(),
             now: now(),
-        })?)?;
+        });
+        let mut outcomes = self.meta.execute_batch(&ops)?;
+        self.queued(&ops);
+        let inode = Self::inode_outcome(outcomes.pop().ok_or(FsError::Errno(Errno::EIO))?)?;
         if inode.kind == FileKind::File
             && (attr.size.is_some() || attr.atime.is_some() || attr.mtime.is_some())
         {
