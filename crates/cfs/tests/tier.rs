@@ -100,16 +100,22 @@ fn ino(path: &Path) -> u64 {
     std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("stat"))
 }
 
-#[test]
-fn flush_overwrite_and_delete_keep_the_bucket_equal_to_metadata() {
-    let root = scratch("tier");
+/// A mount with a `file://` object store under a new scratch dir, checkpointing every
+/// second (old generations go once a checkpoint without them is published), with `extra`
+/// options: the scratch dir (kept alive by the caller), the store's directory, the mount.
+fn tiered_mount(name: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Mount) {
+    let root = scratch(name);
     let store = root.path().join("objects");
     let url = format!("file://{}", store.display());
-    // Old generations go once a checkpoint without them is published: publish often.
-    let m = Mount::start(
-        root.path(),
-        &["--object-store", &url, "--checkpoint-interval", "1"],
-    );
+    let mut args = vec!["--object-store", &url, "--checkpoint-interval", "1"];
+    args.extend_from_slice(extra);
+    let m = Mount::start(root.path(), &args);
+    (root, store, m)
+}
+
+#[test]
+fn flush_overwrite_and_delete_keep_the_bucket_equal_to_metadata() {
+    let (_root, store, m) = tiered_mount("tier", &[]);
 
     // Two blobs and a bit: three objects for `big`, one for `small`.
     let big_len = (2 * BLOB + 4096) as usize;
@@ -169,20 +175,7 @@ fn flush_overwrite_and_delete_keep_the_bucket_equal_to_metadata() {
 
 #[test]
 fn kill9_during_uploads_resumes_with_no_lost_blob_and_no_dangling_key() {
-    let root = scratch("tier-crash");
-    let store = root.path().join("objects");
-    let url = format!("file://{}", store.display());
-    let mut m = Mount::start(
-        root.path(),
-        &[
-            "--object-store",
-            &url,
-            "--upload-concurrency",
-            "2",
-            "--checkpoint-interval",
-            "1",
-        ],
-    );
+    let (_root, store, mut m) = tiered_mount("tier-crash", &["--upload-concurrency", "2"]);
     let mut expected = Vec::new();
     for i in 0..6u8 {
         let len = (BLOB / 2 + u64::from(i) * 7_000_000) as usize;
@@ -220,13 +213,7 @@ fn kill9_during_uploads_resumes_with_no_lost_blob_and_no_dangling_key() {
 /// on the backing file's size and mtime, and the `utimes` undoes the mtime's.
 #[test]
 fn same_size_rewrite_with_times_put_back_is_uploaded_again() {
-    let root = scratch("tier-times");
-    let store = root.path().join("objects");
-    let url = format!("file://{}", store.display());
-    let m = Mount::start(
-        root.path(),
-        &["--object-store", &url, "--checkpoint-interval", "1"],
-    );
+    let (_root, store, m) = tiered_mount("tier-times", &[]);
     let path = m.path("kept");
     std::fs::write(&path, pattern(1, 4096)).expect("write");
     let i = ino(&path);
