@@ -207,10 +207,10 @@ fn kill9_during_uploads_resumes_with_no_lost_blob_and_no_dangling_key() {
     assert_eq!(s["tier"]["blobs_stored"], want.len());
 }
 
-/// A rewrite in place that keeps the size, whose times are then put back before the close
-/// (what `rsync --inplace -t` and `tar` do), changed the data all the same: it must be
-/// uploaded again. Passthrough writes bypass the daemon, which sees them only by their effect
-/// on the backing file's size and mtime, and the `utimes` undoes the mtime's.
+/// A rewrite in place that keeps the size, whose mtime is then set back before the close,
+/// changed the data all the same: it must be uploaded again. Passthrough writes bypass the
+/// daemon, which sees them only by their effect on the backing file's size and mtime, and the
+/// `utimes` undoes the mtime's.
 #[test]
 fn same_size_rewrite_with_times_put_back_is_uploaded_again() {
     let (_root, store, m) = tiered_mount("tier-times", &[]);

@@ -493,8 +493,9 @@ impl Core {
         };
         // New times hide what passthrough writes did to the backing file's mtime, by which
         // alone the daemon sees them (see `sync_data_attr`): record those writes, and queue
-        // the file for upload, in the same commit as the times. A same-size rewrite whose
-        // times `tar` or `rsync -t` then put back is otherwise never uploaded.
+        // the file for upload, in the same commit as the times. A same-size rewrite in place
+        // whose mtime is then set back is otherwise never uploaded: the `utimes` may come
+        // before the close, or right after it and still before the kernel's RELEASE.
         let mut ops = if attr.atime.is_some() || attr.mtime.is_some() {
             self.data_sync(ino.0).map_or_else(Vec::new, |sync| sync.ops)
         } else {
