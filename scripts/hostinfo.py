@@ -2,6 +2,8 @@
 the one way both put its caches in a known state, and the one way both tell that a ClaudeFS
 mount's tier has no upload left to run under the next step."""
 
+import contextlib
+import mmap
 import os
 
 
@@ -64,6 +66,72 @@ def page_reporting():
     if kib.isdigit() and int(kib) > 0:
         return f"on, {int(kib) / (1 << 20):.0f} GiB so far"
     return None
+
+
+REPORTING = "/sys/module/page_reporting/parameters/"
+
+
+def _page_orders():
+    """How many page orders the buddy allocator has (the columns of /proc/buddyinfo): an
+    order this high is one no free block reaches, so reporting at it reports nothing."""
+    line = read("/proc/buddyinfo").splitlines()[:1]
+    return len(line[0].split()) - 4 if line else 0
+
+
+@contextlib.contextmanager
+def held_memory(log, margin=1 << 30):
+    """Pauses free page reporting for the `with` block and first touches the free memory, so
+    that every page the block fills is already backed by the host. On the 2-vCPU test
+    machine, five alternated pairs of a 512 MiB cold `fio` read, native and ClaudeFS, ran from
+    589 to 2,386 MB/s with reporting on, and right after, paused and touched, from 2,209 to
+    2,451 MB/s, ClaudeFS at 0.96-0.99x native in every pair. Yields
+    what it did, for the record (None where reporting is off or this kernel does not say);
+    puts the reporting order back on the way out. Touching costs host faults once: 60 s for
+    21 GiB there. It leaves `margin` bytes untouched, and holds all it touched until done (a
+    GiB let go would be the next GiB's pages)."""
+    old = read(REPORTING + "page_reporting_order")
+    orders = _page_orders()
+    if not page_reporting() or not old.isdigit() or not orders:
+        yield None
+        return
+    try:
+        with open(REPORTING + "page_reporting_order", "w") as f:
+            f.write(f"{orders}\n")
+    except OSError as e:
+        yield f"on (could not pause it: {e.strerror})"
+        return
+    try:
+        free = int(read_meminfo().get("MemFree", "0 kB").split()[0]) * 1024 - margin
+        held, total = [], max(free, 0) >> 30
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+        try:
+            for i in range(total):
+                log(f"\rtouching free memory so the host backs it: {i + 1}/{total} GiB", end="")
+                held.append(mmap.mmap(-1, 1 << 30, flags=flags))
+        except OSError as e:   # less free than MemFree said: what was touched still counts
+            log(f" stopped: {e.strerror}", end="")
+        finally:
+            for m in held:
+                m.close()
+        log("")
+        yield (f"paused for the run (reporting order {old} set to {orders}, above the largest "
+               f"free block) after touching {len(held)} GiB of free memory; {old} put back "
+               "after")
+    finally:
+        try:
+            with open(REPORTING + "page_reporting_order", "w") as f:
+                f.write(f"{old}\n")
+        except OSError as e:
+            log(f"could not put page_reporting_order back to {old}: {e.strerror}")
+
+
+def read_meminfo():
+    """/proc/meminfo as {field: "value unit"}."""
+    out = {}
+    for line in read("/proc/meminfo").splitlines():
+        k, _, v = line.partition(":")
+        out[k] = v.strip()
+    return out
 
 
 def journal(device, fstype):
