@@ -121,8 +121,9 @@ fn xattrs(root: &Path) -> String {
 }
 
 /// Writes the test tree: directories, files of several sizes (empty, small, a sparse one,
-/// exactly one blob, and one over two blobs rewritten in its middle blob), a symlink, a
-/// dangling symlink, a hard link, a fifo, xattrs, changed modes and an old mtime. Returns
+/// exactly one blob, one over two blobs rewritten in its middle blob, and one cut short by
+/// path), a symlink, a dangling symlink, a hard link, a fifo, xattrs, changed modes and an
+/// old mtime. Returns
 /// the number of blobs the store holds for it once flushed.
 fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
     let p = |rel: &str| m.path(rel);
@@ -141,8 +142,9 @@ fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
     }
     let big_len = 2 * BLOB as usize + 12_345;
     write_synced(&p("big"), &noise(3, big_len));
-    // blobs: small, 1mib, exact, sparse, big x3 (the empty file has none).
-    let blobs = 7;
+    write_synced(&p("a/cut"), &noise(4, 100_000));
+    // blobs: small, 1mib, exact, sparse, big x3, cut (the empty file has none).
+    let blobs = 8;
     wait_between(blobs);
     // A new generation of big's middle blob: the old one must go, and repair must
     // bring back the new one.
@@ -168,6 +170,13 @@ fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
     run(Command::new("touch")
         .args(["-m", "-d", "2001-02-03 04:05:06.789"])
         .arg(p("a/small")));
+    // truncate(2) by path, not through a handle: the kernel sends no new mtime with it, yet
+    // the file's mtime moves (it changed size), and the store must record the time the
+    // mount shows.
+    run(Command::new("touch")
+        .args(["-m", "-d", "2001-02-03 04:05:06.789"])
+        .arg(p("a/cut")));
+    nix::unistd::truncate(&p("a/cut"), 1000).expect("truncate by path");
     std::fs::File::open(&m.mountpoint)
         .expect("open root")
         .sync_all()

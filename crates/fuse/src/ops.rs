@@ -29,10 +29,12 @@ fn timespec(t: Timestamp) -> nix::sys::time::TimeSpec {
     nix::sys::time::TimeSpec::new(t.secs, i64::from(t.nanos))
 }
 
-fn time_or_now(t: TimeOrNow) -> Timestamp {
+/// A time a SETATTR sets; "now" is the request's one reading of the clock, `now`, which is
+/// also its ctime.
+fn time_or_now(t: TimeOrNow, now: Timestamp) -> Timestamp {
     match t {
         TimeOrNow::SpecificTime(t) => Timestamp::from(t),
-        TimeOrNow::Now => now(),
+        TimeOrNow::Now => now,
     }
 }
 
@@ -483,28 +485,38 @@ impl Core {
             // What stays of a blob cut in two must be on flash before the cut.
             self.ensure_present(ino.0, new_size - 1..new_size)?;
         }
-        let attr = SetAttr {
+        let now = now();
+        let mut attr = SetAttr {
             perm: mode.map(|m| m & 0o7777),
             uid,
             gid,
             size,
-            atime: atime.map(time_or_now),
-            mtime: mtime.map(time_or_now),
+            atime: atime.map(|t| time_or_now(t, now)),
+            mtime: mtime.map(|t| time_or_now(t, now)),
         };
+        // A truncation moves the mtime, to the same size too, as ext4 does, and as it does to
+        // the backing file. ftruncate brings "now", truncate(2) by path brings no mtime: it
+        // is recorded here and put on the backing file below, or else the metadata the store
+        // keeps holds the old mtime while the mount shows the backing file's new one, and a
+        // repair brings the old one back.
+        if attr.size.is_some() && attr.mtime.is_none() {
+            attr.mtime = Some(now);
+        }
         // New times hide what passthrough writes did to the backing file's mtime, by which
         // alone the daemon sees them (see `sync_data_attr`): record those writes, and queue
         // the file for upload, in the same commit as the times. A same-size rewrite in place
         // whose mtime is then set back is otherwise never uploaded: the `utimes` may come
         // before the close, or right after it and still before the kernel's RELEASE.
-        let mut ops = if attr.atime.is_some() || attr.mtime.is_some() {
-            self.data_sync(ino.0).map_or_else(Vec::new, |sync| sync.ops)
+        let sync = if attr.atime.is_some() || attr.mtime.is_some() {
+            self.data_sync(ino.0)
         } else {
-            Vec::new()
+            None
         };
+        let mut ops = sync.map_or_else(Vec::new, |sync| sync.ops);
         ops.push(Op::SetAttr {
             ino: ino.0,
             attr: attr.clone(),
-            now: now(),
+            now,
         });
         let mut outcomes = self.meta.execute_batch(&ops)?;
         self.queued(&ops);
