@@ -123,8 +123,7 @@ fn xattrs(root: &Path) -> String {
 /// Writes the test tree: directories, files of several sizes (empty, small, a sparse one,
 /// exactly one blob, one over two blobs rewritten in its middle blob, and one cut short by
 /// path), a symlink, a dangling symlink, a hard link, a fifo, xattrs, changed modes and an
-/// old mtime. Returns
-/// the number of blobs the store holds for it once flushed.
+/// old mtime. Returns the number of blobs the store holds for it once flushed.
 fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
     let p = |rel: &str| m.path(rel);
     for d in ["a", "a/b", "a/b/c", "empty-dir"] {

@@ -507,12 +507,11 @@ impl Core {
         // the file for upload, in the same commit as the times. A same-size rewrite in place
         // whose mtime is then set back is otherwise never uploaded: the `utimes` may come
         // before the close, or right after it and still before the kernel's RELEASE.
-        let sync = if attr.atime.is_some() || attr.mtime.is_some() {
-            self.data_sync(ino.0)
+        let mut ops = if attr.atime.is_some() || attr.mtime.is_some() {
+            self.data_sync(ino.0).map_or_else(Vec::new, |sync| sync.ops)
         } else {
-            None
+            Vec::new()
         };
-        let mut ops = sync.map_or_else(Vec::new, |sync| sync.ops);
         ops.push(Op::SetAttr {
             ino: ino.0,
             attr: attr.clone(),
