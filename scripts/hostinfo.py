@@ -86,11 +86,11 @@ def held_memory(log, margin=1 << 30):
     589 to 2,386 MB/s with reporting on, and right after, paused and touched, from 2,209 to
     2,451 MB/s, ClaudeFS at 0.96-0.99x native in every pair. (In the next full run, native's
     seven cold reads stayed at 1,981-2,594 MB/s, but passthrough's ran at either about 2.2-2.4
-    GB/s or 1.1-1.4 GB/s, all served by passthrough: a cause not found yet.) Yields
-    what it did, for the record (None where reporting is off or this kernel does not say);
-    puts the reporting order back on the way out. Touching costs host faults once: 60 s for
-    21 GiB there. It leaves `margin` bytes untouched, and holds all it touched until done (a
-    GiB let go would be the next GiB's pages)."""
+    GB/s or 1.1-1.4 GB/s; in a check after it, reads at both speeds sent the daemon no READ:
+    a cause not found yet.) Yields what it did, for the record (None where reporting is off
+    or this kernel does not say); puts the reporting order back on the way out. Touching
+    costs host faults once: 60 s for 21 GiB there. It leaves `margin` bytes untouched, and
+    holds all it touched until done (a GiB let go would be the next GiB's pages)."""
     old = read(REPORTING + "page_reporting_order")
     orders = _page_orders()
     if not page_reporting() or not old.isdigit() or not orders:
