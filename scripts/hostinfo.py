@@ -15,6 +15,12 @@ def read(path):
         return ""
 
 
+def write(path, text):
+    """Writes `text` and a newline to a kernel setting file."""
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def cpu_idle():
     """The cpuidle driver, with the haltpoll driver's polling time: on a virtual machine whose
     idle vCPUs halt at once, every FUSE round trip pays hypervisor wake-ups (see
@@ -97,8 +103,7 @@ def held_memory(log, margin=1 << 30):
         yield None
         return
     try:
-        with open(REPORTING + "page_reporting_order", "w") as f:
-            f.write(f"{orders}\n")
+        write(REPORTING + "page_reporting_order", str(orders))
     except OSError as e:
         yield f"on (could not pause it: {e.strerror})"
         return
@@ -121,8 +126,7 @@ def held_memory(log, margin=1 << 30):
                "after")
     finally:
         try:
-            with open(REPORTING + "page_reporting_order", "w") as f:
-                f.write(f"{old}\n")
+            write(REPORTING + "page_reporting_order", old)
         except OSError as e:
             log(f"could not put page_reporting_order back to {old}: {e.strerror}")
 
@@ -156,8 +160,7 @@ def drop_caches():
     reads, and so that ext4's skipping of recently freed inodes (see `journal`) does not
     carry from one measured step into the next."""
     os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+    write("/proc/sys/vm/drop_caches", "3")
 
 
 def tier_idle(status, missing=1):
