@@ -538,7 +538,10 @@ async fn hydrate(
                     // Never past the file's size: a blob uploaded before the file shrank
                     // (and the shrink not uploaded yet) must not grow it back.
                     let keep = inode.size.saturating_sub(at).min(data.len() as u64) as usize;
-                    f.write_all_at(&data[..keep], at)?;
+                    // Holes stay holes: the store holds them as zeros.
+                    cfs_flash::write_keeping_holes(&f, &data[..keep], at, |run, at| {
+                        f.write_all_at(run, at)
+                    })?;
                     f.sync_data()?;
                     restore_times(&f, &inode)?;
                     meta.execute(&Op::Hydrated {

@@ -183,6 +183,17 @@ fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
     blobs
 }
 
+/// `a/sparse` (10 MiB with 6 bytes of data) must come back as sparse as it was written: the
+/// store holds its holes as zeros, and writing those would take 10 MiB of flash.
+fn assert_still_sparse(m: &Mount, when: &str) {
+    let md = std::fs::metadata(m.path("a/sparse")).expect("stat a/sparse");
+    let allocated = md.blocks() * 512;
+    assert!(
+        allocated <= 1 << 20,
+        "{when}, a/sparse takes {allocated} bytes of flash for 6 bytes of data"
+    );
+}
+
 fn repair_cmd(bucket_url: &str, data_dir: &Path) -> Command {
     let mut c = Command::new(cfs_bin());
     c.args(["repair", "--from-s3", bucket_url, "--data-dir"])
@@ -285,6 +296,7 @@ fn repair_rebuilds_the_filesystem_from_the_bucket_alone() {
     // A plain mount of the new data dir finds its store in tier.json.
     let mut m = Mount::start_at(&mountpoint, &new, &[]);
     assert_same_tree(&m, &want, &want_xattrs);
+    assert_still_sparse(&m, "after a repair");
     let s = status(&m);
     assert_eq!(s["fs_id"], fs_id.as_str());
     assert_eq!(
@@ -358,6 +370,7 @@ fn repair_rebuilds_the_filesystem_from_the_bucket_alone() {
     let s = status(&m);
     assert_eq!(u(&s["blobs"]["evicted"]), blobs, "{s:#}");
     assert_same_tree(&m, &want, &want_xattrs);
+    assert_still_sparse(&m, "after a lazy repair and a read");
     m.unmount();
 
     let mut m = Mount::start_at(&mountpoint, &again, &[]);

@@ -16,10 +16,12 @@ pub mod origin;
 mod prepared;
 mod refill;
 mod spare;
+mod sparse;
 mod usage;
 
 pub use moves::{Change, FileTimes, Stat};
 pub use prepared::Reserve;
+pub use sparse::write_keeping_holes;
 pub use usage::FlashUsage;
 
 use std::fs::{self, File, OpenOptions};

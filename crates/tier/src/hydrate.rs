@@ -473,7 +473,8 @@ impl Hydrator {
     }
 }
 
-/// Writes a fetched blob at `offset` of the backing file, keeping the file's atime and mtime,
+/// Writes a fetched blob at `offset` of the backing file, keeping the file's atime and mtime
+/// and its holes (zero runs are punched, not written: see [`cfs_flash::write_keeping_holes`]),
 /// and records it present. The write is not synced here: the file joins `unsynced`, and
 /// the data barrier syncs it before any durable metadata commit, which is the only order
 /// that matters (a blob recorded present must read back as data after a crash). Fetching
@@ -495,7 +496,9 @@ fn write_blob(
     let n = (data.len() as u64).min(file.metadata()?.len().saturating_sub(offset));
     if n > 0 {
         flash.keep_times(ino, &file, || {
-            write_maybe_direct(&file, &data[..n as usize], offset)
+            cfs_flash::write_keeping_holes(&file, &data[..n as usize], offset, |run, at| {
+                write_maybe_direct(&file, run, at)
+            })
         })?;
         unsynced.lock().insert(ino);
     }

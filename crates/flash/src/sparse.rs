@@ -1,0 +1,188 @@
+//! Writing bytes fetched from the object store back onto flash without filling holes.
+//!
+//! A blob of a sparse file (a `truncate -s 100G` image, a checkpoint file written at
+//! scattered offsets) comes back from the store with its holes as zeros. Written as they
+//! are, those zeros take real space on flash: a repaired 100 MiB file holding 4 KiB of data
+//! took 100 MiB, and a blob read back after eviction took all of its 64 MiB. Zero runs are
+//! punched out instead, so they read as zeros and take nothing, as they did before.
+
+use std::fs::File;
+use std::io;
+
+/// The unit of the zero test: a run of zeros is punched out only where it covers whole
+/// aligned pieces of this size, so that a file of mixed data and small zero runs costs a few
+/// large writes, not one syscall per filesystem block.
+pub const HOLE_GRAIN: u64 = 64 << 10;
+
+/// Writes `data` at `offset` of `file` through `write`, except every aligned
+/// [`HOLE_GRAIN`] piece that is all zeros: runs of those are punched out of the file
+/// instead (`FALLOC_FL_PUNCH_HOLE`, size kept). Either way the range reads back as `data`,
+/// whatever the file held there before. `write` gets each run of data with its file offset;
+/// a caller passes its own, e.g. one that uses `O_DIRECT`. Where the filesystem cannot punch,
+/// the zeros are written.
+pub fn write_keeping_holes(
+    file: &File,
+    data: &[u8],
+    offset: u64,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut run_start = 0usize;
+    let mut run_is_hole = false;
+    let mut at = 0usize;
+    while at < data.len() {
+        let file_at = offset + at as u64;
+        let piece_end = (file_at / HOLE_GRAIN + 1) * HOLE_GRAIN - offset;
+        let end = usize::try_from(piece_end).map_or(data.len(), |e| e.min(data.len()));
+        let piece = &data[at..end];
+        // Only whole pieces become holes: a partial one shares its block with bytes that
+        // are not ours to drop.
+        let hole = piece.len() as u64 == HOLE_GRAIN && all_zero(piece);
+        if hole != run_is_hole && at > run_start {
+            put(
+                file,
+                &data[run_start..at],
+                offset + run_start as u64,
+                run_is_hole,
+                &mut write,
+            )?;
+            run_start = at;
+        }
+        run_is_hole = hole;
+        at = end;
+    }
+    if at > run_start {
+        put(
+            file,
+            &data[run_start..at],
+            offset + run_start as u64,
+            run_is_hole,
+            &mut write,
+        )?;
+    }
+    Ok(())
+}
+
+/// One run: punched if it is a hole (written if the filesystem cannot punch), else written.
+fn put(
+    file: &File,
+    run: &[u8],
+    at: u64,
+    hole: bool,
+    write: &mut impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    if hole {
+        match punch(file, at, run.len() as u64) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            other => return other,
+        }
+    }
+    write(run, at)
+}
+
+fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
+    let int = |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    nix::fcntl::fallocate(
+        file,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        int(at)?,
+        int(len)?,
+    )?;
+    Ok(())
+}
+
+/// True if every byte is zero. An OR over the whole piece, which the compiler vectorizes;
+/// pieces are small enough that stopping at the first non-zero byte would save little.
+fn all_zero(piece: &[u8]) -> bool {
+    piece.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    const G: usize = HOLE_GRAIN as usize;
+
+    /// A file of `len` bytes of 0xEE: whatever was there before must not show through.
+    fn stale_file(dir: &tempfile::TempDir, len: usize) -> File {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .expect("create");
+        f.write_all_at(&vec![0xEE; len], 0).expect("fill");
+        f
+    }
+
+    fn read_all(f: &File, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        f.read_exact_at(&mut buf, 0).expect("read");
+        buf
+    }
+
+    #[test]
+    fn zero_pieces_become_holes_and_everything_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 64 * G;
+        let f = stale_file(&dir, len);
+        let mut data = vec![0u8; len];
+        data[..100].fill(1); // piece 0: data
+        data[10 * G + 5] = 2; // piece 10: one byte of data among zeros
+        data[63 * G..].fill(3); // the last piece: data
+        let mut writes = Vec::new();
+        write_keeping_holes(&f, &data, 0, |run, at| {
+            writes.push((at, run.len()));
+            f.write_all_at(run, at)
+        })
+        .expect("write");
+        assert_eq!(read_all(&f, len), data);
+        assert_eq!(
+            writes,
+            vec![(0, G), (10 * G as u64, G), (63 * G as u64, G)],
+            "only the pieces with data are written"
+        );
+        let allocated = f.metadata().expect("stat").blocks() * 512;
+        assert!(
+            allocated <= 4 * HOLE_GRAIN,
+            "{allocated} bytes allocated for three pieces of data"
+        );
+    }
+
+    #[test]
+    fn unaligned_ends_are_written_not_punched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let len = 8 * G;
+        let f = stale_file(&dir, len);
+        // From the middle of piece 0 to the middle of piece 6, all zeros: pieces 1 to 5
+        // are whole and become holes; the partial ends are written.
+        let (offset, data) = (G as u64 / 2, vec![0u8; 6 * G]);
+        let mut writes = Vec::new();
+        write_keeping_holes(&f, &data, offset, |run, at| {
+            writes.push((at, run.len()));
+            f.write_all_at(run, at)
+        })
+        .expect("write");
+        let mut want = vec![0xEE; len];
+        want[G / 2..G / 2 + 6 * G].fill(0);
+        assert_eq!(read_all(&f, len), want);
+        assert_eq!(writes, vec![(offset, G / 2), (6 * G as u64, G / 2)]);
+    }
+
+    #[test]
+    fn data_without_zero_pieces_is_one_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = stale_file(&dir, 4 * G);
+        let data: Vec<u8> = (0..4 * G).map(|i| (i % 251) as u8 + 1).collect();
+        let mut writes = 0;
+        write_keeping_holes(&f, &data, 0, |run, at| {
+            writes += 1;
+            f.write_all_at(run, at)
+        })
+        .expect("write");
+        assert_eq!(writes, 1);
+        assert_eq!(read_all(&f, 4 * G), data);
+    }
+}
