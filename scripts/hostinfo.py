@@ -90,13 +90,15 @@ def held_memory(log, margin=1 << 30):
     that every page the block fills is already backed by the host. On the 2-vCPU test
     machine, five alternated pairs of a 512 MiB cold `fio` read, native and ClaudeFS, ran from
     589 to 2,386 MB/s with reporting on, and right after, paused and touched, from 2,209 to
-    2,451 MB/s, ClaudeFS at 0.96-0.99x native in every pair. (In the next full run, native's
-    seven cold reads stayed at 1,981-2,594 MB/s, but passthrough's ran at either about 2.2-2.4
-    GB/s or 1.1-1.4 GB/s; in a check after it, reads at both speeds sent the daemon no READ:
-    a cause not found yet.) Yields what it did, for the record (None where reporting is off
-    or this kernel does not say); puts the reporting order back on the way out. Touching
-    costs host faults once: 60 s for 21 GiB there. It leaves `margin` bytes untouched, and
-    holds all it touched until done (a GiB let go would be the next GiB's pages)."""
+    2,451 MB/s, ClaudeFS at 0.96-0.99x native in every pair. With reporting on, the slow reads
+    did the same block I/O as the fast ones (request count and size), but fio spent 68-83% of
+    its time in the kernel against 48-56%, most of it copying out of the page cache: the new
+    pages were slow, not the disk. (Two full runs, paused, still had passthrough's cold reads
+    at either about 2.2-2.5 GB/s or 1.1-1.6 GB/s while native's stayed steady; runs of the
+    sequential steps alone did not. Cause not found.) Yields what it did, for the record (None
+    where reporting is off or this kernel does not say); puts the order back on the way out.
+    Touching costs host faults once: 60 s for 21 GiB there. It leaves `margin` bytes untouched,
+    and holds all it touched until done (a GiB let go would be the next GiB's pages)."""
     old = read(REPORTING + "page_reporting_order")
     orders = _page_orders()
     if not page_reporting() or not old.isdigit() or not orders:

@@ -10,8 +10,9 @@
 //! 3. Create each regular file's sparse backing file at its size, with its times.
 //! 4. Bind the data dir to the store (`NEWDIR/tier.json`).
 //! 5. Unless `--lazy`: download every blob (verified against the length and crc32c in the
-//!    metadata), write it at its offset, fdatasync, and record it hydrated. The backing
-//!    file's times are put back after each write: ClaudeFS shows them to users.
+//!    metadata), write it at its offset (zero runs punched, so sparse files stay sparse),
+//!    fdatasync, and record it hydrated. The backing file's times are put back after each
+//!    write: ClaudeFS shows them to users.
 //!
 //! `NEWDIR/repair.incomplete` exists from step 1 until the end. Run again after an
 //! interruption, the same command resumes: a finished import is kept, and a blob recorded
