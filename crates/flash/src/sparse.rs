@@ -26,38 +26,25 @@ pub fn write_keeping_holes(
     offset: u64,
     mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
 ) -> io::Result<()> {
-    let mut run_start = 0usize;
-    let mut run_is_hole = false;
+    // Consecutive pieces of the same kind, as (range in data, is a hole).
+    let mut runs: Vec<(std::ops::Range<usize>, bool)> = Vec::new();
     let mut at = 0usize;
     while at < data.len() {
         let file_at = offset + at as u64;
         let piece_end = (file_at / HOLE_GRAIN + 1) * HOLE_GRAIN - offset;
         let end = usize::try_from(piece_end).map_or(data.len(), |e| e.min(data.len()));
-        let piece = &data[at..end];
         // Only whole pieces become holes: a partial one shares its block with bytes that
         // are not ours to drop.
-        let hole = piece.len() as u64 == HOLE_GRAIN && all_zero(piece);
-        if hole != run_is_hole && at > run_start {
-            put(
-                file,
-                &data[run_start..at],
-                offset + run_start as u64,
-                run_is_hole,
-                &mut write,
-            )?;
-            run_start = at;
+        let hole = (end - at) as u64 == HOLE_GRAIN && all_zero(&data[at..end]);
+        match runs.last_mut() {
+            Some((run, was_hole)) if *was_hole == hole => run.end = end,
+            _ => runs.push((at..end, hole)),
         }
-        run_is_hole = hole;
         at = end;
     }
-    if at > run_start {
-        put(
-            file,
-            &data[run_start..at],
-            offset + run_start as u64,
-            run_is_hole,
-            &mut write,
-        )?;
+    for (run, hole) in runs {
+        let at = offset + run.start as u64;
+        put(file, &data[run], at, hole, &mut write)?;
     }
     Ok(())
 }
