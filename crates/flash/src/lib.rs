@@ -289,17 +289,7 @@ impl FlashDir {
         let file = self.open_rw(ino)?;
         let before = file.metadata()?.blocks();
         let len = range.end.saturating_sub(range.start);
-        self.keep_times(ino, &file, || {
-            nix::fcntl::fallocate(
-                &file,
-                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                    | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                i64::try_from(range.start)
-                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-                i64::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-            )?;
-            Ok(())
-        })?;
+        self.keep_times(ino, &file, || sparse::punch(&file, range.start, len))?;
         let after = file.metadata()?.blocks();
         Ok(before.saturating_sub(after) * 512)
     }

@@ -66,7 +66,8 @@ fn put(
     write(run, at)
 }
 
-fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
+/// Punches `len` bytes at `at` out of `file`, keeping its size.
+pub(crate) fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
     let int = |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     nix::fcntl::fallocate(
         file,
