@@ -3,9 +3,9 @@
 //! A read (or write) that touches an evicted blob waits for exactly that blob: one GET of its
 //! object, checked against the length and crc32c recorded in metadata, written at its true
 //! offset in the backing file (its zero runs left holes) and synced, then recorded with
-//! `Hydrated`. The order matters:
-//! were `Hydrated` durable before the bytes, a crash could leave a blob marked present that
-//! reads as zeros; the other way round, a crash only costs a second download.
+//! `Hydrated`. The order matters: were `Hydrated` durable before the bytes, a crash could
+//! leave a blob marked present that reads as zeros; the other way round, a crash only costs a
+//! second download.
 //!
 //! A read that is not sequential need not wait for a whole blob: [`Hydrator::read_range`]
 //! serves it with one ranged GET of the 1 MiB pieces it touches, each checked against the
