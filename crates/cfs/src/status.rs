@@ -58,6 +58,9 @@ pub struct BlobStates {
 pub struct UploadCounters {
     pub blobs_uploaded: u64,
     pub bytes_uploaded: u64,
+    /// Of the blobs uploaded, those of zeros (holes) stored as a short marker object.
+    #[serde(default)]
+    pub zero_blobs: u64,
     pub objects_deleted: u64,
     pub errors: u64,
     pub files_in_flight: u64,
@@ -175,6 +178,7 @@ impl Status {
             uploads: tier.map(|t| UploadCounters {
                 blobs_uploaded: t.uploads.blobs_uploaded.load(Relaxed),
                 bytes_uploaded: t.uploads.bytes_uploaded.load(Relaxed),
+                zero_blobs: t.uploads.zero_blobs.load(Relaxed),
                 objects_deleted: t.uploads.objects_deleted.load(Relaxed),
                 errors: t.uploads.errors.load(Relaxed),
                 files_in_flight: t.uploads.files_in_flight.load(Relaxed),
@@ -294,9 +298,10 @@ impl Status {
         }
         if let Some(u) = &self.uploads {
             println!(
-                "uploads      {} blobs ({:.2} GiB) since mount, {} deleted, {} errors, {} files in flight",
+                "uploads      {} blobs ({:.2} GiB; {} of zeros, sent as markers) since mount, {} deleted, {} errors, {} files in flight",
                 u.blobs_uploaded,
                 gib(u.bytes_uploaded),
+                u.zero_blobs,
                 u.objects_deleted,
                 u.errors,
                 u.files_in_flight

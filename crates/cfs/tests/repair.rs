@@ -139,11 +139,18 @@ fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
         f.write_all_at(b"island", 5 << 20).expect("write");
         f.sync_all().expect("fsync");
     }
+    {
+        // Two blobs of hole, then one with data: the holes go up as zero markers.
+        let f = std::fs::File::create(p("a/holes")).expect("create");
+        f.set_len(2 * BLOB + (1 << 20)).expect("set_len");
+        f.write_all_at(b"island", 2 * BLOB + 5).expect("write");
+        f.sync_all().expect("fsync");
+    }
     let big_len = 2 * BLOB as usize + 12_345;
     write_synced(&p("big"), &noise(3, big_len));
     write_synced(&p("a/cut"), &noise(4, 100_000));
-    // blobs: small, 1mib, exact, sparse, big x3, cut (the empty file has none).
-    let blobs = 8;
+    // blobs: small, 1mib, exact, sparse, holes x3, big x3, cut (the empty file has none).
+    let blobs = 11;
     wait_between(blobs);
     // A new generation of big's middle blob: the old one must go, and repair must
     // bring back the new one.
@@ -183,15 +190,18 @@ fn write_tree(m: &Mount, wait_between: impl Fn(u64)) -> u64 {
     blobs
 }
 
-/// `a/sparse` (10 MiB with 6 bytes of data) must come back as sparse as it was written: the
-/// store holds its holes as zeros, and writing those would take 10 MiB of flash.
+/// `a/sparse` (10 MiB with 6 bytes of data) and `a/holes` (two blobs of hole, then 1 MiB
+/// with 6 bytes of data) must come back as sparse as they were written: the store holds
+/// `a/sparse`'s holes as zeros, and writing those would take 10 MiB of flash.
 fn assert_still_sparse(m: &Mount, when: &str) {
-    let md = std::fs::metadata(m.path("a/sparse")).expect("stat a/sparse");
-    let allocated = md.blocks() * 512;
-    assert!(
-        allocated <= 1 << 20,
-        "{when}, a/sparse takes {allocated} bytes of flash for 6 bytes of data"
-    );
+    for rel in ["a/sparse", "a/holes"] {
+        let md = std::fs::metadata(m.path(rel)).expect("stat");
+        let allocated = md.blocks() * 512;
+        assert!(
+            allocated <= 1 << 20,
+            "{when}, {rel} takes {allocated} bytes of flash for 6 bytes of data"
+        );
+    }
 }
 
 fn repair_cmd(bucket_url: &str, data_dir: &Path) -> Command {
@@ -270,6 +280,17 @@ fn repair_rebuilds_the_filesystem_from_the_bucket_alone() {
     let fs_dir = bucket.join(&fs_id);
     assert!(fs_dir.join(format!("blobs/{big_ino}/1/2")).is_file());
     assert!(!fs_dir.join(format!("blobs/{big_ino}/1/1")).exists());
+    // a/holes' two blobs of hole are short markers, not 64 MiB of zeros each.
+    let holes_ino = want["a/holes"].ino;
+    for k in 0..2 {
+        let object =
+            std::fs::read(fs_dir.join(format!("blobs/{holes_ino}/{k}/1"))).expect("marker");
+        assert_eq!(
+            String::from_utf8_lossy(&object),
+            format!("cfs zero blob, {BLOB} bytes\n"),
+            "blob {k} of a/holes"
+        );
+    }
     let head: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fs_dir.join("meta/HEAD")).expect("HEAD"))
             .expect("json");
@@ -369,6 +390,13 @@ fn repair_rebuilds_the_filesystem_from_the_bucket_alone() {
     let mut m = Mount::start_at(&mountpoint, &lazy, &[]);
     let s = status(&m);
     assert_eq!(u(&s["blobs"]["evicted"]), blobs, "{s:#}");
+    // A read in the middle of a blob stored as a marker, which a ranged GET cannot serve.
+    let mut middle = vec![1u8; 4096];
+    std::fs::File::open(m.path("a/holes"))
+        .expect("open a/holes")
+        .read_exact_at(&mut middle, BLOB + (3 << 20))
+        .expect("read in a blob of hole");
+    assert!(middle.iter().all(|&b| b == 0));
     assert_same_tree(&m, &want, &want_xattrs);
     assert_still_sparse(&m, "after a lazy repair and a read");
     m.unmount();

@@ -1,7 +1,8 @@
 //! Writing bytes fetched from the object store back onto flash without filling holes.
 //!
 //! A blob of a sparse file (a `truncate -s 100G` image, a checkpoint file written at
-//! scattered offsets) comes back from the store with its holes as zeros. Written as they
+//! scattered offsets) that holds some data comes back from the store with its holes as
+//! zeros (a blob of nothing but zeros comes back as zeros from its marker object). Written as they
 //! are, those zeros take real space on flash: a repaired 100 MiB file holding 4 KiB of data
 //! took 100 MiB, and a blob read back after eviction took all of its 64 MiB. Zero runs are
 //! punched out instead, so they read as zeros and take nothing, as they did before.
@@ -83,6 +84,26 @@ pub(crate) fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
 /// pieces are small enough that stopping at the first non-zero byte would save little.
 fn all_zero(piece: &[u8]) -> bool {
     piece.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
+/// True if every byte of `data` is zero. Tested 4 KiB at a time, so that data (which is
+/// rarely zero for long) is told apart after its first few bytes, not after the whole buffer.
+pub fn is_all_zero(data: &[u8]) -> bool {
+    data.chunks(4096).all(all_zero)
+}
+
+/// True if `range` of `file` may hold data; false only if it is all hole, as `SEEK_DATA`
+/// finds no data in it. A filesystem without hole tracking reports data everywhere, so the
+/// answer is then always true.
+pub fn has_data(file: &File, range: std::ops::Range<u64>) -> io::Result<bool> {
+    let start =
+        i64::try_from(range.start).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    match nix::unistd::lseek(file, start, nix::unistd::Whence::SeekData) {
+        Ok(at) => Ok((at as u64) < range.end),
+        // No data at or after `start`: the rest of the file is a hole.
+        Err(nix::errno::Errno::ENXIO) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -172,5 +193,41 @@ mod tests {
         .expect("write");
         assert_eq!(writes, 1);
         assert_eq!(read_all(&f, 4 * G), data);
+    }
+
+    #[test]
+    fn has_data_tells_holes_from_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = File::create(dir.path().join("h")).expect("create");
+        let g = HOLE_GRAIN;
+        f.set_len(8 * g).expect("set_len");
+        f.write_all_at(b"x", 4 * g + 5).expect("write");
+        // Not synced: data still in the page cache counts too.
+        assert!(
+            !has_data(&f, 0..4 * g).expect("seek"),
+            "a hole before the data"
+        );
+        assert!(
+            has_data(&f, 4 * g..5 * g).expect("seek"),
+            "the data's own piece"
+        );
+        assert!(has_data(&f, 0..8 * g).expect("seek"), "the whole file");
+        assert!(
+            !has_data(&f, 5 * g..8 * g).expect("seek"),
+            "the hole after the data"
+        );
+        assert!(!has_data(&f, 9 * g..10 * g).expect("seek"), "past the end");
+    }
+
+    #[test]
+    fn is_all_zero_finds_one_byte_anywhere() {
+        let mut data = vec![0u8; 3 * 4096 + 7];
+        assert!(is_all_zero(&data));
+        assert!(is_all_zero(&[]));
+        for at in [0, 4095, 4096, 3 * 4096 + 6] {
+            data[at] = 1;
+            assert!(!is_all_zero(&data), "a byte at {at}");
+            data[at] = 0;
+        }
     }
 }

@@ -24,7 +24,7 @@
 
 use crate::error::meta_err;
 use crate::key::{BLOB_SIZE, BlobKey, FsId};
-use crate::{BlobStore, Result, TierError};
+use crate::{BlobStore, Result, TierError, zero_blob};
 use bytes::Bytes;
 use cfs_flash::FlashDir;
 use cfs_meta::{Ino, MetaStore, Op};
@@ -217,6 +217,11 @@ impl Hydrator {
             return Ok(None);
         }
         if record.chunks.len() as u64 != record.len.div_ceil(piece) || end > record.len {
+            return Ok(None);
+        }
+        // Its object may be a marker, which has no bytes to range over; fetching it whole
+        // is then one short GET, and leaves a hole on flash.
+        if zero_blob::may_be_marker(record.len, record.crc32c) {
             return Ok(None);
         }
         let (first, last) = (at / piece, (end - 1) / piece);

@@ -28,6 +28,7 @@ mod retry;
 mod rng;
 mod store_url;
 pub mod uploader;
+pub mod zero_blob;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

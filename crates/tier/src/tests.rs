@@ -517,3 +517,108 @@ async fn a_file_queued_during_its_upload_stays_queued_though_it_looks_the_same()
         "clean once an upload saw no new mark"
     );
 }
+
+/// A blob of zeros stored as its marker comes back from a verified GET as its zeros; a
+/// marker does not pass for a blob of data, nor a damaged one for zeros, and a blob of
+/// zeros stored as its bytes (as before markers) still reads.
+#[tokio::test]
+async fn zero_blob_markers_read_back_as_zeros_and_nothing_else() {
+    use crate::zero_blob::{marker, zeros_crc};
+    let store = memory_store();
+    let len = 3 << 20;
+    let zero_crc = zeros_crc(len);
+    let key = ObjectKey::new("zeros").expect("key");
+    store.put(&key, marker(len)).await.expect("put");
+    let got = store.get_verified(&key, len, zero_crc).await.expect("get");
+    assert_eq!(got.len() as u64, len);
+    assert!(got.iter().all(|&b| b == 0));
+
+    let corrupt = |r: Result<bytes::Bytes>| matches!(r, Err(TierError::Corrupt { .. }));
+    assert!(
+        corrupt(store.get_verified(&key, len, zero_crc ^ 1).await),
+        "a marker read as a blob of data"
+    );
+    assert!(
+        corrupt(store.get_verified(&key, len + 1, zeros_crc(len + 1)).await),
+        "a marker read as zeros of another length"
+    );
+    let mut damaged = marker(len).to_vec();
+    damaged[0] ^= 0x20;
+    store.put(&key, damaged.into()).await.expect("put");
+    assert!(
+        corrupt(store.get_verified(&key, len, zero_crc).await),
+        "a damaged marker"
+    );
+
+    store
+        .put(&key, bytes::Bytes::from(vec![0u8; len as usize]))
+        .await
+        .expect("put");
+    let got = store
+        .get_verified(&key, len, zero_crc)
+        .await
+        .expect("zeros as bytes");
+    assert_eq!(got.len() as u64, len);
+}
+
+/// The uploader sends a blob that is all hole, and one written full of zeros, as markers,
+/// recorded with the checksums of their zeros; blobs of data go up as their bytes, and every
+/// blob reads back as the file held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_of_zeros_go_up_as_markers() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::Ordering;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (meta, flash, ino, file) = one_queued_file(dir.path(), b"data in blob 0");
+    // Blob 1 stays a hole, blob 2 is written full of zeros, blob 3 ends the file with data.
+    file.write_all_at(&vec![0u8; BLOB_SIZE as usize], 2 * BLOB_SIZE)
+        .expect("zeros");
+    file.write_all_at(b"the end", 3 * BLOB_SIZE + 100)
+        .expect("end");
+    let size = 3 * BLOB_SIZE + 107;
+    let store = memory_store();
+    let up = crate::uploader::Uploader::new(Arc::clone(&meta), flash, store.clone(), 2)
+        .expect("uploader");
+    up.pass().await.expect("pass");
+    assert_eq!(up.stats().blobs_uploaded.load(Ordering::Relaxed), 4);
+    assert_eq!(up.stats().zero_blobs.load(Ordering::Relaxed), 2);
+
+    let records = meta.blobs_of(ino).expect("blobs");
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        let fs = FsId::new(meta.fs_id()).expect("fs id");
+        let key = BlobKey::new(fs, ino, r.k, r.generation).object_key();
+        let raw = store.get(&key).await.expect("raw get");
+        let zero = r.k == 1 || r.k == 2;
+        assert_eq!(
+            raw == crate::zero_blob::marker(r.len),
+            zero,
+            "blob {}: a {}-byte object",
+            r.k,
+            raw.len()
+        );
+        assert_eq!(
+            (r.crc32c, r.chunks.clone()),
+            if zero {
+                crate::zero_blob::zero_checksums(r.len)
+            } else {
+                (crc32c::crc32c(&raw), r.chunks.clone())
+            },
+            "blob {}'s checksums",
+            r.k
+        );
+        let got = store
+            .get_verified(&key, r.len, r.crc32c)
+            .await
+            .expect("verified get");
+        let mut want = vec![0u8; r.len as usize];
+        file.read_exact_at(&mut want, r.k * BLOB_SIZE)
+            .expect("read");
+        assert!(got == want, "blob {} reads back as the file", r.k);
+        assert_eq!(
+            r.len,
+            blob_range(r.k, size).end - blob_range(r.k, size).start
+        );
+    }
+}

@@ -22,7 +22,7 @@
 use crate::checkpoint::Publisher;
 use crate::error::{blocking_meta, meta_err};
 use crate::key::{BLOB_SIZE, BlobKey, FsId, blob_count, blob_range};
-use crate::{BlobIo, BlobStore, Result, TierError};
+use crate::{BlobIo, BlobStore, Result, TierError, zero_blob};
 use bytes::Bytes;
 use cfs_flash::FlashDir;
 use cfs_meta::{BlobRecord, Ino, MetaStore, Op};
@@ -38,7 +38,10 @@ use tokio::sync::Notify;
 #[derive(Debug, Default)]
 pub struct UploadStats {
     pub blobs_uploaded: AtomicU64,
+    /// Bytes sent: a blob of zeros counts the few bytes of its marker.
     pub bytes_uploaded: AtomicU64,
+    /// Of the blobs uploaded, those of zeros (holes, mostly) stored as a marker.
+    pub zero_blobs: AtomicU64,
     pub objects_deleted: AtomicU64,
     pub errors: AtomicU64,
     pub files_in_flight: AtomicU64,
@@ -526,11 +529,26 @@ impl Uploader {
                     return Ok(None);
                 }
                 let range = blob_range(k, size);
-                let data = read_blob(&self.blob_io, Arc::clone(&file), range).await?;
-                let (crc, chunks) = checksums(&data);
+                // A blob that is all hole is not read: it is zeros, and goes up as a marker.
+                // A blob read is as long as what was read (shorter if the file was cut
+                // meanwhile, and then queued again), so its record matches its object.
+                let (data, len, zero) =
+                    if cfs_flash::has_data(&file, range.clone()).map_err(io_err)? {
+                        let data = read_blob(&self.blob_io, Arc::clone(&file), range).await?;
+                        let zero = cfs_flash::is_all_zero(&data);
+                        let len = data.len() as u64;
+                        (data, len, zero)
+                    } else {
+                        (Bytes::new(), range.end - range.start, true)
+                    };
+                let (crc, chunks) = if zero {
+                    zero_blob::zero_checksums(len)
+                } else {
+                    checksums(&data)
+                };
                 let current = recorded.iter().find(|b| b.k == k);
                 if let Some(b) = current
-                    && b.len == data.len() as u64
+                    && b.len == len
                     && b.crc32c == crc
                 {
                     // Unchanged. A blob recorded before piece checksums existed gets them
@@ -542,10 +560,18 @@ impl Uploader {
                 }
                 let generation = current.map_or(1, |b| b.generation + 1);
                 let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
-                let len = data.len() as u64;
-                self.store.put(&key, data).await?;
+                let body = if zero && zero_blob::stored_as_marker(len) {
+                    self.stats.zero_blobs.fetch_add(1, Ordering::Relaxed);
+                    zero_blob::marker(len)
+                } else if zero {
+                    zero_blob::zeros(len)
+                } else {
+                    data
+                };
+                let sent = body.len() as u64;
+                self.store.put(&key, body).await?;
                 self.stats.blobs_uploaded.fetch_add(1, Ordering::Relaxed);
-                self.stats.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+                self.stats.bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
                 Ok(Some(BlobRecord {
                     k,
                     generation,
