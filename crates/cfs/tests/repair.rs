@@ -555,6 +555,13 @@ fn repair_from_an_s3_server_after_a_crash() {
     std::fs::create_dir(m.path("gone")).expect("mkdir");
     write_synced(&m.path("d/small"), b"small");
     write_synced(&m.path("two-blobs"), &noise(7, BLOB as usize + 4321));
+    {
+        // A blob of hole, then data: the hole goes up as a zero marker, through S3.
+        let f = std::fs::File::create(m.path("hole-first")).expect("create");
+        f.set_len(BLOB + 10).expect("set_len");
+        f.write_all_at(b"data", BLOB + 2).expect("write");
+        f.sync_all().expect("fsync");
+    }
     write_synced(&m.path("renamed-from"), b"moves");
     write_synced(&m.path("gone/deleted"), b"deleted");
     std::os::unix::fs::symlink("d/small", m.path("s")).expect("symlink");
@@ -570,13 +577,14 @@ fn repair_from_an_s3_server_after_a_crash() {
         .sync_all()
         .expect("fsync root");
     let s = wait_for(&m, "the flush and the log", |s| {
-        u(&s["tier"]["blobs_stored"]) == 4
+        u(&s["tier"]["blobs_stored"]) == 6
             && u(&s["tier"]["files_dirty"]) == 0
             && u(&s["uploads"]["files_in_flight"]) == 0
             && u(&s["uploads"]["log_backlog_ops"]) == 0
     });
     assert_eq!(u(&s["uploads"]["checkpoints_published"]), 1, "{s:#}");
     assert!(u(&s["uploads"]["log_ops_shipped"]) > 10, "{s:#}");
+    assert_eq!(u(&s["uploads"]["zero_blobs"]), 1, "{s:#}");
     let want = snapshot(&m.mountpoint);
     let want_xattrs = xattrs(&m.mountpoint);
     // A crash: no final checkpoint.
