@@ -24,12 +24,12 @@ use anyhow::{Context, Result, bail};
 use cfs_flash::FlashDir;
 use cfs_meta::{FileKind, Inode, MetaStore, Op};
 use cfs_tier::checkpoint::{fetch_checkpoint, read_head, read_latest};
+use cfs_tier::hydrate::write_fetched;
 use cfs_tier::{BLOB_SIZE, BlobKey, BlobStore, FsId, ObjectKey, TierError};
 use futures::TryStreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -535,14 +535,10 @@ async fn hydrate(
                 let (k, generation) = (t.k, t.generation);
                 tokio::task::spawn_blocking(move || -> Result<()> {
                     let f = flash.open_rw(inode.ino)?;
-                    let at = k * BLOB_SIZE;
                     // Never past the file's size: a blob uploaded before the file shrank
-                    // (and the shrink not uploaded yet) must not grow it back.
-                    let keep = inode.size.saturating_sub(at).min(data.len() as u64) as usize;
-                    // Holes stay holes: the store holds them as zeros.
-                    cfs_flash::write_keeping_holes(&f, &data[..keep], at, |run, at| {
-                        f.write_all_at(run, at)
-                    })?;
+                    // (and the shrink not uploaded yet) must not grow it back. Holes stay
+                    // holes, as the hydrator leaves them.
+                    write_fetched(&f, &data, k * BLOB_SIZE, inode.size)?;
                     f.sync_data()?;
                     restore_times(&f, &inode)?;
                     meta.execute(&Op::Hydrated {

@@ -499,17 +499,37 @@ fn write_blob(
     let _described_with_data = meta.data_guard();
     let file = flash.open_rw(ino)?;
     // Never grow the file: a truncation may have cut this blob after it was evicted.
-    let n = (data.len() as u64).min(file.metadata()?.len().saturating_sub(offset));
+    let size = file.metadata()?.len();
+    let n = if offset < size {
+        flash.keep_times(ino, &file, || write_fetched(&file, data, offset, size))?
+    } else {
+        0
+    };
     if n > 0 {
-        flash.keep_times(ino, &file, || {
-            cfs_flash::write_keeping_holes(&file, &data[..n as usize], offset, |run, at| {
-                write_maybe_direct(&file, run, at)
-            })
-        })?;
         unsynced.lock().insert(ino);
     }
     meta.execute(&Op::Hydrated { ino, k, generation })
         .map_err(std::io::Error::other)?;
+    Ok(n)
+}
+
+/// Writes the fetched bytes `data` of a blob at `offset` of its backing file `file`, as far
+/// as `size` and no further (a truncation may have cut the blob since it was uploaded): runs
+/// of zeros are left holes ([`cfs_flash::write_keeping_holes`]) and the rest goes through
+/// [`write_maybe_direct`]. Returns how many bytes of `data` now stand in the file. Not
+/// synced: the hydrator leaves that to the data barrier, and `cfs repair` syncs each blob.
+pub fn write_fetched(
+    file: &std::fs::File,
+    data: &[u8],
+    offset: u64,
+    size: u64,
+) -> std::io::Result<u64> {
+    let n = (data.len() as u64).min(size.saturating_sub(offset));
+    if n > 0 {
+        cfs_flash::write_keeping_holes(file, &data[..n as usize], offset, |run, at| {
+            write_maybe_direct(file, run, at)
+        })?;
+    }
     Ok(n)
 }
 
