@@ -500,6 +500,7 @@ fn write_blob(
     let file = flash.open_rw(ino)?;
     // Never grow the file: a truncation may have cut this blob after it was evicted.
     let size = file.metadata()?.len();
+    // Times are held and put back only around a write (it costs a stat and a futimens).
     let n = if offset < size {
         flash.keep_times(ino, &file, || write_fetched(&file, data, offset, size))?
     } else {

@@ -560,16 +560,20 @@ impl Uploader {
                 }
                 let generation = current.map_or(1, |b| b.generation + 1);
                 let key = BlobKey::new(self.fs.clone(), ino, k, generation).object_key();
-                let body = if zero && zero_blob::stored_as_marker(len) {
-                    self.stats.zero_blobs.fetch_add(1, Ordering::Relaxed);
+                let marker = zero && zero_blob::stored_as_marker(len);
+                let body = if marker {
                     zero_blob::marker(len)
-                } else if zero {
+                } else if data.len() as u64 != len {
+                    // A hole too short for a marker, not read.
                     zero_blob::zeros(len)
                 } else {
                     data
                 };
                 let sent = body.len() as u64;
                 self.store.put(&key, body).await?;
+                if marker {
+                    self.stats.zero_blobs.fetch_add(1, Ordering::Relaxed);
+                }
                 self.stats.blobs_uploaded.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes_uploaded.fetch_add(sent, Ordering::Relaxed);
                 Ok(Some(BlobRecord {
