@@ -257,7 +257,7 @@ impl Status {
         }
         let t = &self.tier;
         println!(
-            "object tier  {} blobs ({:.2} GiB) stored, {} files waiting for upload, {} objects waiting for delete",
+            "object tier  {} blobs stored ({:.2} GiB of file data), {} files waiting for upload, {} objects waiting for delete",
             t.blobs_stored,
             gib(t.bytes_stored),
             t.files_dirty,

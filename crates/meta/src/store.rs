@@ -59,6 +59,8 @@ pub trait DataBarrier: Send + Sync {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TierCounts {
     pub blobs_stored: u64,
+    /// The file bytes the stored blobs hold: more than the bucket takes, where blobs of
+    /// zeros are stored as short markers.
     pub bytes_stored: u64,
     pub files_dirty: u64,
     /// Bytes of the files on the upload queue (an upper bound on the flush backlog).
