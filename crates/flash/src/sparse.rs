@@ -2,10 +2,10 @@
 //!
 //! A blob of a sparse file (a `truncate -s 100G` image, a checkpoint file written at
 //! scattered offsets) that holds some data comes back from the store with its holes as
-//! zeros (a blob of nothing but zeros comes back as zeros from its marker object). Written as they
-//! are, those zeros take real space on flash: a repaired 100 MiB file holding 4 KiB of data
-//! took 100 MiB, and a blob read back after eviction took all of its 64 MiB. Zero runs are
-//! punched out instead, so they read as zeros and take nothing, as they did before.
+//! zeros (a blob of nothing but zeros comes back as zeros from its marker object). Written
+//! as they are, those zeros take real space on flash: a repaired 100 MiB file holding 4 KiB
+//! of data took 100 MiB, and a blob read back after eviction took all of its 64 MiB. Zero
+//! runs are punched out instead, so they read as zeros and take nothing, as they did before.
 
 use std::fs::File;
 use std::io;
