@@ -516,11 +516,13 @@ fn deleted_files_are_purged_by_unmount_and_their_backing_files_reused() {
 /// The inode numbers of the spares in `dir` once their count has stayed the same for 300 ms
 /// (at most 10 s): the mount's filler makes new ones in the background.
 fn settled_spares(dir: &std::path::Path) -> std::collections::HashSet<u64> {
-    use std::os::unix::fs::MetadataExt;
+    // The directory entry's own inode number, not a stat: the mount may move a spare into
+    // place between the listing and a stat of it.
+    use std::os::unix::fs::DirEntryExt;
     let list = || -> std::collections::HashSet<u64> {
         std::fs::read_dir(dir)
             .expect("spares")
-            .map(|e| e.expect("entry").metadata().expect("stat").ino())
+            .map(|e| e.expect("entry").ino())
             .collect()
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
