@@ -29,6 +29,10 @@ pub struct Status {
     #[serde(default)]
     pub fuse_wake_here: Option<String>,
     pub open_handles: Option<usize>,
+    /// Deleted files whose backing files are still on flash (a running mount only): the
+    /// daemon removes them once the deletion is durable, within about a second.
+    #[serde(default)]
+    pub deletions_pending: Option<u64>,
     /// Object tier: what the store holds and what is still owed to it.
     pub tier: cfs_meta::TierCounts,
     /// Where each blob is: dirty (changed on flash, not yet in the store), clean (in the
@@ -173,6 +177,7 @@ impl Status {
             busy_poll_us: live.map(|(s, _)| s.busy_poll_us),
             fuse_wake_here: live.and_then(|_| crate::wake_here::current(Path::new("/sys"))),
             open_handles: live.map(|(s, _)| s.open_handles),
+            deletions_pending: live.map(|(s, _)| s.deletions_pending),
             tier: counts_t,
             blobs,
             uploads: tier.map(|t| UploadCounters {
@@ -254,6 +259,9 @@ impl Status {
         }
         if let Some(n) = self.open_handles {
             println!("open files   {n}");
+        }
+        if let Some(n) = self.deletions_pending {
+            println!("deleting     {n} files whose flash space is not yet freed");
         }
         let t = &self.tier;
         println!(

@@ -201,6 +201,7 @@ fn background_mount_status_and_umount() {
     assert_eq!(v["files"], 1);
     assert_eq!(v["bytes"], 5);
     assert_eq!(v["passthrough_active"], true);
+    assert_eq!(v["deletions_pending"], 0, "nothing was deleted: {v:#}");
     assert!(
         v["flash_used_bytes"].as_u64().unwrap_or(0) >= 4096,
         "the backing file's block shows in flash usage: {v:#}"

@@ -94,6 +94,9 @@ pub struct FsStatus {
     pub open_handles: usize,
     pub passthrough_opens: u64,
     pub daemon_opens: u64,
+    /// Deleted files whose backing files are still on flash: queued for the purge thread,
+    /// or purged and waiting for the purge to be durable (see `purger`).
+    pub deletions_pending: u64,
 }
 
 /// The state of a running mount that others (the control socket) may read while the FUSE
@@ -114,6 +117,8 @@ pub struct Live {
     pub(crate) handles: Handles,
     pub(crate) passthrough_opens: AtomicU64,
     pub(crate) daemon_opens: AtomicU64,
+    /// Kept by the purge thread: [`FsStatus::deletions_pending`].
+    pub(crate) deletions_pending: Arc<AtomicU64>,
     /// Tells the kernel of changes it did not make itself; set once the session exists.
     notifier: std::sync::OnceLock<fuser::Notifier>,
     /// Drops cached pages behind sequential readers of cold files; set with the notifier.
@@ -174,6 +179,7 @@ impl Live {
             open_handles: self.handles.count(),
             passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
             daemon_opens: self.daemon_opens.load(Ordering::Relaxed),
+            deletions_pending: self.deletions_pending.load(Ordering::Relaxed),
         }
     }
 }
@@ -207,13 +213,15 @@ impl std::ops::Deref for ClaudeFs {
 
 impl ClaudeFs {
     pub fn new(meta: Arc<MetaStore>, flash: FlashDir, opts: FsOptions) -> ClaudeFs {
+        let live = Arc::new(Live::default());
+        let pending = Arc::clone(&live.deletions_pending);
         ClaudeFs {
             core: Arc::new(Core {
-                purger: crate::purger::Purger::new(Arc::clone(&meta), flash.clone()),
+                purger: crate::purger::Purger::new(Arc::clone(&meta), flash.clone(), pending),
                 meta,
                 flash,
                 opts,
-                live: Arc::new(Live::default()),
+                live,
             }),
             busy: None,
             slow: crate::offload::Offload::new(),

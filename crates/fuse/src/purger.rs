@@ -17,6 +17,7 @@ use cfs_flash::FlashDir;
 use cfs_meta::{FileKind, MetaStore, Op, Outcome};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 /// Most purges in one transaction, so that one commit stays short.
@@ -48,9 +49,10 @@ struct Queue {
     stopping: bool,
 }
 
-/// Backing files of purged files, each with the log number its purge must be durable to.
-#[derive(Default)]
-struct Doomed(Vec<(u64, u64)>);
+/// Backing files of purged files, each with the log number its purge must be durable to,
+/// and the count of deletions still to reach flash ([`Purger::new`]'s `pending`), which
+/// drops as they go.
+struct Doomed(Vec<(u64, u64)>, Arc<AtomicU64>);
 
 impl Doomed {
     /// Removes the backing files whose purge is durable, first making the purges durable if
@@ -85,6 +87,7 @@ impl Doomed {
     /// Removes the backing files whose purge is durable.
     fn remove_durable(&mut self, meta: &MetaStore, flash: &FlashDir) {
         let durable = meta.log_durable_seq();
+        let before = self.0.len();
         self.0.retain(|&(ino, seq)| {
             if seq > durable {
                 return true;
@@ -94,6 +97,8 @@ impl Doomed {
             }
             false
         });
+        self.1
+            .fetch_sub((before - self.0.len()) as u64, Ordering::Relaxed);
     }
 }
 
@@ -107,24 +112,31 @@ pub(crate) struct Purger {
     shared: Arc<Shared>,
     meta: Arc<MetaStore>,
     flash: FlashDir,
+    /// Deleted files whose backing files are still on flash: queued here, or purged and
+    /// waiting for the purge to be durable. What `cfs status` shows, so that a benchmark
+    /// can let the flash filesystem free their space before it measures the next step, as
+    /// a native `unlink` does before it returns.
+    pending: Arc<AtomicU64>,
     /// Started at the first purge, so a filesystem object that never purges has no thread.
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Purger {
-    pub(crate) fn new(meta: Arc<MetaStore>, flash: FlashDir) -> Purger {
+    pub(crate) fn new(meta: Arc<MetaStore>, flash: FlashDir, pending: Arc<AtomicU64>) -> Purger {
         Purger {
             shared: Arc::default(),
             meta,
             flash,
+            pending,
             thread: Mutex::new(None),
         }
     }
 
     /// Queues `ino` for purging. Falls back to purging it here if no thread can be started.
     pub(crate) fn purge(&self, ino: u64) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
         if !self.running() {
-            let mut doomed = Doomed::default();
+            let mut doomed = Doomed(Vec::new(), Arc::clone(&self.pending));
             purge_batch(&self.meta, &[ino], &mut doomed);
             doomed.sync_and_remove(&self.meta, &self.flash);
             return;
@@ -151,9 +163,10 @@ impl Purger {
             Arc::clone(&self.meta),
             self.flash.clone(),
         );
+        let doomed = Doomed(Vec::new(), Arc::clone(&self.pending));
         match std::thread::Builder::new()
             .name("cfs-purge".into())
-            .spawn(move || run(&shared, &meta, &flash))
+            .spawn(move || run(&shared, &meta, &flash, doomed))
         {
             Ok(handle) => {
                 *thread = Some(handle);
@@ -185,8 +198,7 @@ impl Drop for Purger {
     }
 }
 
-fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
-    let mut doomed = Doomed::default();
+fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir, mut doomed: Doomed) {
     let mut taken = flash.spares_taken();
     loop {
         let batch = {
@@ -221,7 +233,7 @@ fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir) {
 
 /// Purges `inos` in one transaction, or one by one if that fails (so that one bad inode
 /// holds up no other), and hands the backing files of the regular files among them to
-/// `doomed`, to go once the purges are durable.
+/// `doomed`, to go once the purges are durable; the others leave its pending count.
 fn purge_batch(meta: &MetaStore, inos: &[u64], doomed: &mut Doomed) {
     let ops: Vec<Op> = inos.iter().map(|&ino| Op::Purge { ino }).collect();
     let outcomes: Vec<(u64, Result<Outcome, cfs_meta::MetaError>)> = match meta.execute_batch(&ops)
@@ -241,13 +253,103 @@ fn purge_batch(meta: &MetaStore, inos: &[u64], doomed: &mut Doomed) {
     };
     // Past every purge just applied.
     let seq = meta.log_applied_seq();
+    let mut done = 0;
     for (ino, outcome) in outcomes {
         match outcome {
             Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
                 doomed.0.push((ino, seq));
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(ino, error = %e, "purge failed; recovery will retry"),
+            Ok(_) => done += 1,
+            // Done with here too: recovery retries it, not this run.
+            Err(e) => {
+                done += 1;
+                tracing::warn!(ino, error = %e, "purge failed; recovery will retry");
+            }
         }
+    }
+    doomed.1.fetch_sub(done, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cfs_meta::{Caller, Timestamp};
+
+    /// A deletion counts as pending from its FORGET until its backing file has left the
+    /// shards, so that whoever waits for the count to reach 0 (`scripts/bench`) finds the
+    /// space freed; a directory's purge, with no backing file, counts until it is applied.
+    #[test]
+    fn deletions_are_pending_until_their_backing_files_are_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (meta, _) =
+            MetaStore::open(&dir.path().join("meta.redb"), Timestamp::now(), 0, 0).expect("meta");
+        let meta = Arc::new(meta);
+        let flash = FlashDir::open(&dir.path().join("flash")).expect("flash");
+        let orphan = |name: &str, kind: FileKind| {
+            let ino = meta.alloc_ino();
+            if kind == FileKind::File {
+                let f = flash.create(ino).expect("backing file");
+                std::io::Write::write_all(&mut &f, b"data").expect("write");
+            }
+            let caller = Caller {
+                uid: 0,
+                gid: 0,
+                groups: Vec::new(),
+            };
+            let (parent, name, now) = (1, name.as_bytes().to_vec(), Timestamp::now());
+            let create = Op::Create {
+                parent,
+                name: name.clone(),
+                ino,
+                kind,
+                perm: 0o755,
+                umask: 0,
+                rdev: 0,
+                target: Vec::new(),
+                caller,
+                now,
+            };
+            meta.execute(&create).expect("create");
+            let remove = match kind {
+                FileKind::Dir => Op::Rmdir { parent, name, now },
+                _ => Op::Unlink { parent, name, now },
+            };
+            meta.execute(&remove).expect("remove");
+            ino
+        };
+        let (file, subdir) = (orphan("f", FileKind::File), orphan("d", FileKind::Dir));
+        let pending = Arc::new(AtomicU64::new(0));
+        let purger = Purger::new(Arc::clone(&meta), flash.clone(), Arc::clone(&pending));
+        purger.purge(file);
+        purger.purge(subdir);
+        let wait_for = |want: u64| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                // The count first: a backing file seen after a count of 0 must be gone.
+                let n = pending.load(Ordering::Relaxed);
+                let present = flash.metadata(file).is_ok();
+                assert!(n <= 2, "never more than were deleted: {n}");
+                if n == want {
+                    return present;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{n} deletions pending"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        // The directory's purge is done once applied; the file's backing file stays until
+        // its purge is durable, which the mount's periodic commit makes it.
+        assert!(wait_for(1), "the backing file waits for a durable purge");
+        std::thread::sleep(DURABLE_CHECK * 4);
+        assert_eq!(pending.load(Ordering::Relaxed), 1);
+        meta.sync().expect("sync");
+        assert!(
+            !wait_for(0),
+            "nothing pending while the backing file is still there"
+        );
+        purger.finish();
+        assert_eq!(pending.load(Ordering::Relaxed), 0);
     }
 }
