@@ -49,18 +49,27 @@ struct Queue {
     stopping: bool,
 }
 
-/// Backing files of purged files, each with the log number its purge must be durable to,
-/// and the count of deletions still to reach flash ([`Purger::new`]'s `pending`), which
-/// drops as they go.
-struct Doomed(Vec<(u64, u64)>, Arc<AtomicU64>);
+/// Backing files of purged files, each with the log number its purge must be durable to.
+struct Doomed {
+    files: Vec<(u64, u64)>,
+    /// Deletions still to reach flash ([`Purger::new`]'s `pending`): drops as they go.
+    pending: Arc<AtomicU64>,
+}
 
 impl Doomed {
+    fn new(pending: &Arc<AtomicU64>) -> Doomed {
+        Doomed {
+            files: Vec::new(),
+            pending: Arc::clone(pending),
+        }
+    }
+
     /// Removes the backing files whose purge is durable, first making the purges durable if
     /// enough wait while creates have taken spares since the last call (`taken`).
     fn settle(&mut self, meta: &MetaStore, flash: &FlashDir, taken: &mut u64) {
         let now = flash.spares_taken();
         if now != *taken
-            && self.0.len() >= SYNC_AT
+            && self.files.len() >= SYNC_AT
             && let Err(e) = meta.sync()
         {
             tracing::warn!(error = %e, "sync after purges failed; the periodic commit will do");
@@ -72,7 +81,7 @@ impl Doomed {
     /// Makes every purge durable, then removes all the backing files: for when nothing
     /// else will come to do it.
     fn sync_and_remove(&mut self, meta: &MetaStore, flash: &FlashDir) {
-        if self.0.is_empty() {
+        if self.files.is_empty() {
             return;
         }
         match meta.sync() {
@@ -87,8 +96,8 @@ impl Doomed {
     /// Removes the backing files whose purge is durable.
     fn remove_durable(&mut self, meta: &MetaStore, flash: &FlashDir) {
         let durable = meta.log_durable_seq();
-        let before = self.0.len();
-        self.0.retain(|&(ino, seq)| {
+        let before = self.files.len();
+        self.files.retain(|&(ino, seq)| {
             if seq > durable {
                 return true;
             }
@@ -97,8 +106,8 @@ impl Doomed {
             }
             false
         });
-        self.1
-            .fetch_sub((before - self.0.len()) as u64, Ordering::Relaxed);
+        self.pending
+            .fetch_sub((before - self.files.len()) as u64, Ordering::Relaxed);
     }
 }
 
@@ -136,7 +145,7 @@ impl Purger {
     pub(crate) fn purge(&self, ino: u64) {
         self.pending.fetch_add(1, Ordering::Relaxed);
         if !self.running() {
-            let mut doomed = Doomed(Vec::new(), Arc::clone(&self.pending));
+            let mut doomed = Doomed::new(&self.pending);
             purge_batch(&self.meta, &[ino], &mut doomed);
             doomed.sync_and_remove(&self.meta, &self.flash);
             return;
@@ -163,7 +172,7 @@ impl Purger {
             Arc::clone(&self.meta),
             self.flash.clone(),
         );
-        let doomed = Doomed(Vec::new(), Arc::clone(&self.pending));
+        let doomed = Doomed::new(&self.pending);
         match std::thread::Builder::new()
             .name("cfs-purge".into())
             .spawn(move || run(&shared, &meta, &flash, doomed))
@@ -204,7 +213,7 @@ fn run(shared: &Shared, meta: &MetaStore, flash: &FlashDir, mut doomed: Doomed) 
         let batch = {
             let mut q = shared.queue.lock();
             while q.inos.is_empty() && !q.stopping {
-                if doomed.0.is_empty() {
+                if doomed.files.is_empty() {
                     shared.wake.wait(&mut q);
                 } else {
                     shared.wake.wait_for(&mut q, DURABLE_CHECK);
@@ -257,7 +266,7 @@ fn purge_batch(meta: &MetaStore, inos: &[u64], doomed: &mut Doomed) {
     for (ino, outcome) in outcomes {
         match outcome {
             Ok(Outcome::Purged(Some(inode))) if inode.kind == FileKind::File => {
-                doomed.0.push((ino, seq));
+                doomed.files.push((ino, seq));
             }
             Ok(_) => done += 1,
             // Done with here too: recovery retries it, not this run.
@@ -267,7 +276,7 @@ fn purge_batch(meta: &MetaStore, inos: &[u64], doomed: &mut Doomed) {
             }
         }
     }
-    doomed.1.fetch_sub(done, Ordering::Relaxed);
+    doomed.pending.fetch_sub(done, Ordering::Relaxed);
 }
 
 #[cfg(test)]
