@@ -21,7 +21,7 @@ mod usage;
 
 pub use moves::{Change, FileTimes, Stat};
 pub use prepared::Reserve;
-pub use sparse::{has_data, is_all_zero, write_keeping_holes};
+pub use sparse::{has_data, is_all_zero, write_keeping_holes, write_known_zeros};
 pub use usage::FlashUsage;
 
 use std::fs::{self, File, OpenOptions};

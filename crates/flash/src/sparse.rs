@@ -67,6 +67,25 @@ fn put(
     write(run, at)
 }
 
+/// Makes `zeros.len()` bytes at `offset` of `file` read as zeros, given bytes known to be
+/// all zero (nobody scans them): the range is punched out, edges included (a punch zeroes
+/// the part of a block it covers and leaves the rest), or, where the filesystem cannot
+/// punch, `zeros` goes through `write`.
+pub fn write_known_zeros(
+    file: &File,
+    zeros: &[u8],
+    offset: u64,
+    write: impl FnOnce(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    if zeros.is_empty() {
+        return Ok(());
+    }
+    match punch(file, offset, zeros.len() as u64) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write(zeros, offset),
+        other => other,
+    }
+}
+
 /// Punches `len` bytes at `at` out of `file`, keeping its size.
 pub(crate) fn punch(file: &File, at: u64, len: u64) -> io::Result<()> {
     let int = |v: u64| i64::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));

@@ -517,8 +517,10 @@ fn write_blob(
 /// Writes the fetched bytes `data` of a blob at `offset` of its backing file `file`, as far
 /// as `size` and no further (a truncation may have cut the blob since it was uploaded): runs
 /// of zeros are left holes ([`cfs_flash::write_keeping_holes`]) and the rest goes through
-/// [`write_maybe_direct`]. Returns how many bytes of `data` now stand in the file. Not
-/// synced: the hydrator leaves that to the data barrier, and `cfs repair` syncs each blob.
+/// [`write_maybe_direct`]. A blob of zeros read from its marker is punched out whole,
+/// unread ([`zero_blob::is_shared_zeros`]). Returns how many bytes of `data` now stand in
+/// the file. Not synced: the hydrator leaves that to the data barrier, and `cfs repair`
+/// syncs each blob.
 pub fn write_fetched(
     file: &std::fs::File,
     data: &[u8],
@@ -526,10 +528,12 @@ pub fn write_fetched(
     size: u64,
 ) -> std::io::Result<u64> {
     let n = (data.len() as u64).min(size.saturating_sub(offset));
-    if n > 0 {
-        cfs_flash::write_keeping_holes(file, &data[..n as usize], offset, |run, at| {
-            write_maybe_direct(file, run, at)
-        })?;
+    let data = &data[..n as usize];
+    let write = |run: &[u8], at: u64| write_maybe_direct(file, run, at);
+    if zero_blob::is_shared_zeros(data) {
+        cfs_flash::write_known_zeros(file, data, offset, write)?;
+    } else if n > 0 {
+        cfs_flash::write_keeping_holes(file, data, offset, write)?;
     }
     Ok(n)
 }
@@ -604,6 +608,55 @@ mod tests {
     use crate::blob_io::{Uring, UringOptions};
     use crate::uploader::Uploader;
     use std::os::unix::fs::{FileExt, MetadataExt};
+
+    /// A blob of zeros read from its marker replaces what the backing file held in its
+    /// range (a stale write, data from before a truncation) with a hole, up to the file's
+    /// size, leaving the bytes around it alone; zeros of another buffer take the scanning
+    /// path and end the same.
+    #[test]
+    fn zero_blobs_from_markers_are_punched_over_whatever_was_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("backing");
+        let blob = BLOB_SIZE as usize;
+        let (before, len, size) = (4096usize, 3 * blob / 4, 4096 + 3 * blob / 4 - 100);
+        for shared in [true, false] {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .expect("backing file");
+            file.write_all_at(&vec![0xEE; before + len], 0)
+                .expect("stale");
+            file.set_len(size as u64).expect("size");
+            file.sync_all().expect("sync");
+            let zeros = if shared {
+                zero_blob::zeros(len as u64)
+            } else {
+                Bytes::from(vec![0u8; len])
+            };
+            assert_eq!(zero_blob::is_shared_zeros(&zeros), shared);
+            let n = write_fetched(&file, &zeros, before as u64, size as u64).expect("write");
+            assert_eq!(n as usize, size - before, "only up to the file's size");
+            let back = std::fs::read(&path).expect("read back");
+            assert_eq!(back.len(), size, "the size is kept");
+            assert!(
+                back[..before].iter().all(|&b| b == 0xEE),
+                "bytes before kept"
+            );
+            assert!(
+                back[before..].iter().all(|&b| b == 0),
+                "the blob reads as zeros"
+            );
+            file.sync_all().expect("sync");
+            let allocated = file.metadata().expect("stat").blocks() * 512;
+            assert!(
+                allocated < (1 << 20),
+                "the zeros take no space (shared: {shared}): {allocated} bytes allocated"
+            );
+        }
+    }
 
     /// A fetched blob's bytes land on flash exactly, whether they start at an aligned address
     /// (then the aligned bulk goes with `O_DIRECT` where the filesystem takes it) or not, with
