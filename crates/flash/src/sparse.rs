@@ -75,15 +75,12 @@ pub fn write_known_zeros(
     file: &File,
     zeros: &[u8],
     offset: u64,
-    write: impl FnOnce(&[u8], u64) -> io::Result<()>,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
 ) -> io::Result<()> {
     if zeros.is_empty() {
         return Ok(());
     }
-    match punch(file, offset, zeros.len() as u64) {
-        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => write(zeros, offset),
-        other => other,
-    }
+    put(file, zeros, offset, true, &mut write)
 }
 
 /// Punches `len` bytes at `at` out of `file`, keeping its size.

@@ -609,6 +609,17 @@ mod tests {
     use crate::uploader::Uploader;
     use std::os::unix::fs::{FileExt, MetadataExt};
 
+    /// `path` created empty (or emptied), open for reading and writing.
+    fn empty_backing(path: &std::path::Path) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .expect("backing file")
+    }
+
     /// A blob of zeros read from its marker replaces what the backing file held in its
     /// range (a stale write, data from before a truncation) with a hole, up to the file's
     /// size, leaving the bytes around it alone; zeros of another buffer take the scanning
@@ -620,13 +631,7 @@ mod tests {
         let blob = BLOB_SIZE as usize;
         let (before, len, size) = (4096usize, 3 * blob / 4, 4096 + 3 * blob / 4 - 100);
         for shared in [true, false] {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .expect("backing file");
+            let file = empty_backing(&path);
             file.write_all_at(&vec![0xEE; before + len], 0)
                 .expect("stale");
             file.set_len(size as u64).expect("size");
@@ -675,13 +680,7 @@ mod tests {
         for skew in [0, 1] {
             let at = start + skew;
             room[at..at + len].copy_from_slice(&data);
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .expect("backing file");
+            let file = empty_backing(&path);
             let offset = 2 * DIRECT_ALIGN as u64;
             file.set_len(offset + len as u64 + 7).expect("size");
             write_maybe_direct(&file, &room[at..at + len], offset).expect("write");

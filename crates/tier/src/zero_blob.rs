@@ -82,9 +82,11 @@ static ZEROS: [u8; BLOB_SIZE as usize] = [0; BLOB_SIZE as usize];
 /// `len` zero bytes: a slice of the shared blob of zeros (see [`is_shared_zeros`]) when it
 /// is long enough, as it is for every blob.
 pub fn zeros(len: u64) -> Bytes {
-    match usize::try_from(len) {
-        Ok(n) if n <= ZEROS.len() => Bytes::from_static(&ZEROS[..n]),
-        _ => Bytes::from(vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)]),
+    let n = usize::try_from(len).unwrap_or(usize::MAX);
+    if n <= ZEROS.len() {
+        Bytes::from_static(&ZEROS[..n])
+    } else {
+        Bytes::from(vec![0u8; n])
     }
 }
 
