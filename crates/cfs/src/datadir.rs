@@ -89,13 +89,19 @@ impl DataDir {
 
     /// Opens (creating on first use) the metadata store and the flash dir.
     pub fn open(&self) -> Result<(Arc<MetaStore>, FlashDir, bool)> {
-        let uid = nix::unistd::geteuid().as_raw();
-        let gid = nix::unistd::getegid().as_raw();
-        let (meta, created) = MetaStore::open(&self.meta_path(), Timestamp::now(), uid, gid)
-            .with_context(|| format!("cannot open metadata in {}", self.root.display()))?;
+        let (meta, created) = self.open_meta()?;
         let flash = FlashDir::open(&self.flash_path())
             .with_context(|| format!("cannot open flash dir {}", self.flash_path().display()))?;
         Ok((Arc::new(meta), flash, created))
+    }
+
+    /// Opens (creating on first use) the metadata store alone, and says whether it was
+    /// created.
+    pub fn open_meta(&self) -> Result<(MetaStore, bool)> {
+        let uid = nix::unistd::geteuid().as_raw();
+        let gid = nix::unistd::getegid().as_raw();
+        MetaStore::open(&self.meta_path(), Timestamp::now(), uid, gid)
+            .with_context(|| format!("cannot open metadata in {}", self.root.display()))
     }
 
     /// Brings metadata and flash back in step before serving: purges inodes that were

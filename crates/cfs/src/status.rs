@@ -136,12 +136,14 @@ impl Status {
         let counts = meta.counts()?;
         let opened;
         let (flash, used) = match tier {
-            // The mount's own flash directory, not opened again (opening makes any shard
-            // that is missing). Its figure may be up to 30 s old (see `FlashUsage`): a fresh
-            // scan on every call would stat every backing file, seconds with a million.
+            // The mount's own flash directory, not opened again. Its figure may be up to
+            // 30 s old (see `FlashUsage`): a fresh scan on every call would stat every
+            // backing file, seconds with a million.
             Some(t) => (t.flash_usage.flash(), t.flash_usage.used()?),
             None => {
-                opened = FlashDir::open(flash_root)?;
+                // As it is: a report must not make the shards that are missing.
+                opened = FlashDir::existing(flash_root)
+                    .with_context(|| format!("cannot read flash dir {}", flash_root.display()))?;
                 (&opened, opened.allocated()?)
             }
         };
@@ -356,8 +358,9 @@ pub fn run(target: &Path, json: bool) -> Result<()> {
                 target.display()
             );
         }
-        match dir.open() {
-            Ok((meta, _, _)) => Status::collect(&meta, &dir.flash_path(), None, None)?,
+        match dir.open_meta() {
+            // The metadata alone: opening the flash dir would make any shard that is missing.
+            Ok((meta, _)) => Status::collect(&meta, &dir.flash_path(), None, None)?,
             // The database is locked by a running mount: ask it instead.
             Err(_) if dir.socket_path().exists() => {
                 crate::control::request_status(&dir.socket_path())

@@ -230,6 +230,16 @@ fn background_mount_status_and_umount() {
         v["flash_used_bytes"].as_u64().unwrap_or(0) >= 4096,
         "an unmounted data dir is scanned: {v:#}"
     );
+    // A report changes nothing: a shard that is missing stays missing.
+    let shard = data.join("flash").join("ab");
+    std::fs::remove_dir(&shard).expect("remove an empty shard");
+    let out = cfs(&["status", d, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!shard.exists(), "cfs status made a shard");
 }
 
 /// Detaches a mount made outside the `Mount` harness if the test fails midway.
