@@ -430,6 +430,67 @@ fn a_new_files_attributes_are_what_a_later_stat_shows() {
     }
 }
 
+/// Pages the kernel cached for a file read through the daemon (`--no-passthrough`) stay
+/// cached across opens (`FOPEN_KEEP_CACHE`), so a file read again is not read from the daemon
+/// again; and once a passthrough handle has written the file behind the kernel's cache, the
+/// next daemon-served open drops them, so no reader sees the old bytes.
+#[test]
+fn the_page_cache_is_kept_across_opens_until_passthrough_writes_go_around_it() {
+    let root = scratch("keep-cache");
+    let cached_pages = |path: &std::path::Path| -> u64 {
+        let out = run(Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "PAGES"])
+            .arg(path));
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("fincore said {text:?}: {e}"))
+    };
+    let m = Mount::start(&root.path().join("daemon"), &["--no-passthrough"]);
+    let f = m.path("f");
+    let data = noise(7, 1 << 20);
+    std::fs::write(&f, &data).expect("write");
+    assert_eq!(std::fs::read(&f).expect("read"), data);
+    // fincore opens the file again: an open that drops the cache leaves it no pages.
+    assert_eq!(
+        cached_pages(&f),
+        256,
+        "pages cached after a read and a new open"
+    );
+    drop(m);
+
+    let m = Mount::start(&root.path().join("passthrough"), &[]);
+    let s = m.path("s");
+    std::fs::write(&s, vec![b'a'; 4096]).expect("write");
+    // A writable open of a set-id file is served by the daemon (it must clear the bits on a
+    // write by others), so its reads fill the kernel's cache.
+    let read_served_by_daemon = |path: &std::path::Path| {
+        set_mode(path, 0o4755);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open");
+        let mut buf = vec![0; 4096];
+        file.read_exact_at(&mut buf, 0).expect("read");
+        set_mode(path, 0o755);
+        buf
+    };
+    assert_eq!(read_served_by_daemon(&s), vec![b'a'; 4096]);
+    // Same size, so the kernel has no size change to drop its pages for.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s)
+        .expect("open")
+        .write_all_at(&[b'b'; 4096], 0)
+        .expect("passthrough write");
+    assert_eq!(
+        read_served_by_daemon(&s),
+        vec![b'b'; 4096],
+        "a daemon-served read after a passthrough write"
+    );
+}
+
 /// Deleted files are purged by a background thread after the kernel forgets them, and their
 /// backing files become spares that new files reuse. An unmount purges everything queued, so
 /// the flash directory then holds exactly the live files' backing files.

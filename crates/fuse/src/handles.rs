@@ -84,6 +84,11 @@ struct Users {
     count: u32,
     /// Of those, handles served by the daemon (the kernel's cached io mode).
     cached: u32,
+    /// The kernel's page cache of the file can only hold what is in the backing file:
+    /// a daemon-served open made the kernel drop or keep it while no passthrough handle
+    /// was open, and no passthrough handle opened for writing since. See
+    /// [`Handles::insert`].
+    cache_current: bool,
     last: Instant,
 }
 
@@ -92,19 +97,52 @@ impl Default for Users {
         Users {
             count: 0,
             cached: 0,
+            cache_current: false,
             last: Instant::now(),
         }
     }
 }
 
+/// A handle just opened: its number, and whether the kernel may keep the file's cached pages.
+pub struct Inserted {
+    pub fh: u64,
+    /// Reply `FOPEN_KEEP_CACHE`: the kernel's pages of the file are still what the backing
+    /// file holds.
+    pub keep_cache: bool,
+}
+
 impl Handles {
-    pub fn insert(&self, handle: Handle) -> u64 {
-        if handle.backing.is_none() {
-            self.users.entry(handle.ino).or_default().cached += 1;
+    /// Registers an open handle. A daemon-served open without `FOPEN_KEEP_CACHE` makes the
+    /// kernel drop the file's cached pages, so a file read again through the daemon path
+    /// would be read from the daemon every time. Every change to a file's bytes through a
+    /// daemon-served handle, a truncation, a fallocate or a copy goes through this kernel,
+    /// which keeps its cache in step; only passthrough writes go around it, to the backing
+    /// file. So the cache is kept unless a passthrough handle was opened for writing since
+    /// the kernel last dropped it, or one may still be open.
+    pub fn insert(&self, handle: Handle) -> Inserted {
+        let mut keep_cache = false;
+        {
+            let mut e = self.users.entry(handle.ino).or_default();
+            if handle.backing.is_some() {
+                if handle.writable {
+                    e.cache_current = false;
+                }
+            } else {
+                e.cached += 1;
+                // A direct-I/O handle neither fills nor drops the cache.
+                if !handle.direct_io {
+                    let passthrough_open = self
+                        .backing
+                        .get(&handle.ino)
+                        .is_some_and(|w| w.strong_count() > 0);
+                    keep_cache = e.cache_current && !passthrough_open;
+                    e.cache_current = !passthrough_open;
+                }
+            }
         }
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         self.open.insert(fh, Arc::new(handle));
-        fh
+        Inserted { fh, keep_cache }
     }
 
     pub fn get(&self, fh: u64) -> Option<Arc<Handle>> {

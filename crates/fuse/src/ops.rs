@@ -277,22 +277,25 @@ impl Core {
             direct_io,
             "open"
         );
-        let fh = self.live.handles.insert(crate::handles::Handle {
-            ino,
-            file,
-            writable,
-            written: Default::default(),
-            backing: backing.clone(),
-            cold,
-            direct_io,
-            next_read: Default::default(),
-            prefetched: Default::default(),
-            dropped: Default::default(),
-            durable_size: AtomicU64::new(crate::handles::NO_DURABLE_SIZE),
-            created,
-        });
+        let crate::handles::Inserted { fh, keep_cache } =
+            self.live.handles.insert(crate::handles::Handle {
+                ino,
+                file,
+                writable,
+                written: Default::default(),
+                backing: backing.clone(),
+                cold,
+                direct_io,
+                next_read: Default::default(),
+                prefetched: Default::default(),
+                dropped: Default::default(),
+                durable_size: AtomicU64::new(crate::handles::NO_DURABLE_SIZE),
+                created,
+            });
         let flags = if direct_io {
             FopenFlags::FOPEN_DIRECT_IO
+        } else if keep_cache {
+            FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()
         };
