@@ -434,7 +434,6 @@ impl Core {
     }
 
     #[allow(clippy::too_many_arguments)]
-    #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
         caller_uid: u32,
