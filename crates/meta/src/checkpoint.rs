@@ -89,6 +89,30 @@ fn put<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Writes one section: `table`'s row count, then its rows exactly as the table holds them,
+/// each handed to `each` first (for the counts). Rows are `(key, value)` pairs; a key-only
+/// table's value is `()`, which postcard encodes as nothing, so its rows are the keys alone.
+fn put_section<K, V>(
+    out: &mut Vec<u8>,
+    table: &redb::ReadOnlyTable<K, V>,
+    mut each: impl FnMut(&K::SelfType<'_>, &V::SelfType<'_>) -> Result<()>,
+) -> Result<u64>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+    for<'a> (K::SelfType<'a>, V::SelfType<'a>): Serialize,
+{
+    let rows = table.len()?;
+    put(out, &rows)?;
+    for r in table.iter()? {
+        let (k, v) = r?;
+        let row = (k.value(), v.value());
+        each(&row.0, &row.1)?;
+        put(out, &row)?;
+    }
+    Ok(rows)
+}
+
 /// Reads postcard values off the front of a checkpoint body.
 struct Reader<'a> {
     rest: &'a [u8],
@@ -180,12 +204,8 @@ impl MetaStore {
             }
         }
         put(&mut out, &(KEY_LOG_BASE, op_seq.to_le_bytes().as_slice()))?;
-        let inodes = read.open_table(INODES)?;
-        c.inodes = inodes.len()?;
-        put(&mut out, &c.inodes)?;
-        for r in inodes.iter()? {
-            let (k, v) = r?;
-            let inode = decode_inode(k.value(), v.value())?;
+        c.inodes = put_section(&mut out, &read.open_table(INODES)?, |&ino, bytes| {
+            let inode = decode_inode(ino, bytes)?;
             match inode.kind {
                 FileKind::File => {
                     c.files += 1;
@@ -194,70 +214,24 @@ impl MetaStore {
                 FileKind::Dir => c.dirs += 1,
                 _ => {}
             }
-            put(&mut out, &(k.value(), v.value()))?;
-        }
-        let dentries = read.open_table(DENTRIES)?;
-        c.dentries = dentries.len()?;
-        put(&mut out, &c.dentries)?;
-        for r in dentries.iter()? {
-            let (k, v) = r?;
-            put(&mut out, &(k.value(), v.value()))?;
-        }
-        let listing = read.open_table(LISTING)?;
-        put(&mut out, &listing.len()?)?;
-        for r in listing.iter()? {
-            let (k, v) = r?;
-            put(&mut out, &(k.value(), v.value()))?;
-        }
-        let xattrs = read.open_table(XATTRS)?;
-        c.xattrs = xattrs.len()?;
-        put(&mut out, &c.xattrs)?;
-        for r in xattrs.iter()? {
-            let (k, v) = r?;
-            put(&mut out, &(k.value(), v.value()))?;
-        }
-        let orphans = read.open_table(ORPHANS)?;
-        c.orphans = orphans.len()?;
-        put(&mut out, &c.orphans)?;
-        for r in orphans.iter()? {
-            put(&mut out, &r?.0.value())?;
-        }
-        let blobs = read.open_table(BLOBS)?;
-        c.blobs = blobs.len()?;
-        put(&mut out, &c.blobs)?;
-        for r in blobs.iter()? {
-            let (k, v) = r?;
-            c.blob_bytes += v.value().1;
-            put(&mut out, &(k.value(), v.value()))?;
-        }
-        let chunks = read.open_table(CHUNKS)?;
-        put(&mut out, &chunks.len()?)?;
-        for r in chunks.iter()? {
-            let (k, v) = r?;
-            put(&mut out, &(k.value(), v.value()))?;
-        }
-        let dirty = read.open_table(DIRTY)?;
-        c.dirty = dirty.len()?;
-        put(&mut out, &c.dirty)?;
-        for r in dirty.iter()? {
-            put(&mut out, &r?.0.value())?;
-        }
-        let deletes_table = read.open_table(DELETES)?;
-        c.deletes = deletes_table.len()?;
-        put(&mut out, &c.deletes)?;
-        let mut deletes = Vec::with_capacity(c.deletes as usize);
-        for r in deletes_table.iter()? {
-            let key = r?.0.value();
+            Ok(())
+        })?;
+        c.dentries = put_section(&mut out, &read.open_table(DENTRIES)?, |_, _| Ok(()))?;
+        put_section(&mut out, &read.open_table(LISTING)?, |_, _| Ok(()))?;
+        c.xattrs = put_section(&mut out, &read.open_table(XATTRS)?, |_, _| Ok(()))?;
+        c.orphans = put_section(&mut out, &read.open_table(ORPHANS)?, |_, _| Ok(()))?;
+        c.blobs = put_section(&mut out, &read.open_table(BLOBS)?, |_, &(_, len, _)| {
+            c.blob_bytes += len;
+            Ok(())
+        })?;
+        put_section(&mut out, &read.open_table(CHUNKS)?, |_, _| Ok(()))?;
+        c.dirty = put_section(&mut out, &read.open_table(DIRTY)?, |_, _| Ok(()))?;
+        let mut deletes = Vec::new();
+        c.deletes = put_section(&mut out, &read.open_table(DELETES)?, |&key, _| {
             deletes.push(key);
-            put(&mut out, &key)?;
-        }
-        let evicted = read.open_table(EVICTED)?;
-        c.evicted = evicted.len()?;
-        put(&mut out, &c.evicted)?;
-        for r in evicted.iter()? {
-            let (k, v) = r?;
-            put(&mut out, &(k.value(), v.value()))?;
-        }
+            Ok(())
+        })?;
+        c.evicted = put_section(&mut out, &read.open_table(EVICTED)?, |_, _| Ok(()))?;
 
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
