@@ -129,7 +129,9 @@ impl Handles {
                 }
             } else {
                 e.cached += 1;
-                // A direct-I/O handle neither fills nor drops the cache.
+                // A direct-I/O handle neither fills nor drops the cache. Nor does an open
+                // beside a live passthrough handle: the kernel refuses it (one io mode per
+                // inode), so it must not mark the cache current while that handle may write.
                 if !handle.direct_io {
                     let passthrough_open = self
                         .backing
