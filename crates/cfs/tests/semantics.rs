@@ -200,6 +200,22 @@ fn set_id_bits_are_cleared_by_writes_truncation_and_chown() {
             0o755,
             "{mode:?}: a write through the create's handle"
         );
+        // Opened for writing while already open for reading: with passthrough, the reader's
+        // handle and the writer's (served by the daemon, which must see the write) meet in
+        // one inode, which the kernel serves in one io mode only. A third open reads the
+        // written byte, as the first does.
+        by_nobody(
+            "echo a > s && chmod 4755 s && python3 -c \"import os; \
+             r = os.open('s', os.O_RDONLY); w = os.open('s', os.O_WRONLY); \
+             os.pwrite(w, b'z', 0); r2 = os.open('s', os.O_RDONLY); \
+             assert os.pread(r, 1, 0) == b'z' and os.pread(r2, 1, 0) == b'z'; \
+             [os.close(fd) for fd in (r, w, r2)]\"",
+        );
+        assert_eq!(
+            mode_of("s"),
+            0o755,
+            "{mode:?}: a write to a file open for reading"
+        );
         by_nobody("echo a > l && chmod 2745 l && echo b >> l");
         assert_eq!(
             mode_of("l"),
@@ -210,6 +226,8 @@ fn set_id_bits_are_cleared_by_writes_truncation_and_chown() {
         let r = dir.join("r");
         std::fs::write(&r, b"a").expect("write");
         set_mode(&r, 0o6755);
+        // Also beside a handle open for reading (passthrough, with passthrough).
+        let reader = std::fs::File::open(&r).expect("open");
         std::fs::OpenOptions::new()
             .append(true)
             .open(&r)
@@ -217,6 +235,10 @@ fn set_id_bits_are_cleared_by_writes_truncation_and_chown() {
             .write_all_at(b"b", 1)
             .expect("write");
         assert_eq!(mode_of("r"), 0o6755, "{mode:?}: root keeps them");
+        let mut both = [0; 2];
+        reader.read_exact_at(&mut both, 0).expect("read");
+        assert_eq!(&both, b"ab", "{mode:?}: the reader sees root's write");
+        drop(reader);
         run(Command::new("chown").arg("65534").arg(&r));
         assert_eq!(mode_of("r"), 0o755, "{mode:?}: a change of owner");
 

@@ -133,10 +133,7 @@ impl Handles {
                 // beside a live passthrough handle: the kernel refuses it (one io mode per
                 // inode), so it must not mark the cache current while that handle may write.
                 if !handle.direct_io {
-                    let passthrough_open = self
-                        .backing
-                        .get(&handle.ino)
-                        .is_some_and(|w| w.strong_count() > 0);
+                    let passthrough_open = self.passthrough_open(handle.ino);
                     keep_cache = e.cache_current && !passthrough_open;
                     e.cache_current = !passthrough_open;
                 }
@@ -224,6 +221,11 @@ impl Handles {
 
     pub fn count(&self) -> usize {
         self.open.len()
+    }
+
+    /// Whether a passthrough handle of `ino` may still be open: its backing id is alive.
+    pub fn passthrough_open(&self, ino: u64) -> bool {
+        self.backing.get(&ino).is_some_and(|w| w.strong_count() > 0)
     }
 
     /// Returns the inode's live backing id, or registers one with `register`. The map shard

@@ -196,6 +196,7 @@ impl Core {
     /// backing file; otherwise the backing file is opened here.
     fn open_file(
         &self,
+        caller_uid: u32,
         ino: u64,
         flags: i32,
         created: Option<(&Inode, std::fs::File)>,
@@ -204,7 +205,7 @@ impl Core {
         // Counted as a user before looking at the blobs' state: eviction either ran before
         // (and this open sees the evicted blobs) or waits for the release.
         self.live.handles.using(ino);
-        let r = self.open_counted(ino, flags, created, register);
+        let r = self.open_counted(caller_uid, ino, flags, created, register);
         if r.is_err() {
             self.live.handles.done_with(ino, false);
         }
@@ -213,6 +214,7 @@ impl Core {
 
     fn open_counted(
         &self,
+        caller_uid: u32,
         ino: u64,
         flags: i32,
         created: Option<(&Inode, std::fs::File)>,
@@ -236,6 +238,19 @@ impl Core {
                 (cold, crate::fs::has_set_id(&inode))
             }
             None => (self.is_cold(ino)?, false),
+        };
+        // The kernel wants every open of an inode that has a passthrough handle open to be
+        // passthrough too (it fails any other with EIO), so a write beside one cannot reach
+        // the daemon. Then the bits are cleared now, for a caller that could not keep them
+        // on a write (FUSE does not pass on CAP_FSETID: root stands for it): an open for
+        // writing clears them even if no write follows, rather than letting a changed
+        // file keep them.
+        let set_id = set_id && {
+            let beside_passthrough = self.live.handles.passthrough_open(ino);
+            if beside_passthrough && caller_uid != 0 {
+                self.kill_privileges(ino)?;
+            }
+            !beside_passthrough
         };
         // One io mode per inode in the kernel: while a daemon-served handle may still be
         // open there, this one is served by the daemon as well.
@@ -610,12 +625,14 @@ impl Core {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let caller_uid = caller.uid;
         let r = self.admit_write().and_then(|()| {
             self.create_node(caller, parent, name, file)
                 .and_then(|(inode, file)| {
                     let created = file.map(|f| (&inode, f));
-                    let opened =
-                        self.open_file(inode.ino, flags, created, |f| reply.open_backing(f))?;
+                    let opened = self.open_file(caller_uid, inode.ino, flags, created, |f| {
+                        reply.open_backing(f)
+                    })?;
                     Ok((inode, opened))
                 })
         });
@@ -634,14 +651,14 @@ impl Core {
     }
 
     /// OPEN: a handle on an existing file.
-    fn open_handle(&self, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open_handle(&self, caller_uid: u32, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY
             && let Err(e) = self.admit_write()
         {
             reply.error(fail("open", e));
             return;
         }
-        let r = self.open_file(ino.0, flags.0, None, |f| reply.open_backing(f));
+        let r = self.open_file(caller_uid, ino.0, flags.0, None, |f| reply.open_backing(f));
         match r {
             Ok(Opened {
                 fh,
@@ -1185,10 +1202,11 @@ impl Filesystem for ClaudeFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.busy_touch(req);
+        let caller_uid = req.uid();
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY && self.must_wait_for_room() {
-            self.offload(move |core| core.open_handle(ino, flags, reply));
+            self.offload(move |core| core.open_handle(caller_uid, ino, flags, reply));
         } else {
-            self.open_handle(ino, flags, reply);
+            self.open_handle(caller_uid, ino, flags, reply);
         }
     }
 
