@@ -21,7 +21,7 @@
 
 use crate::store::MetaStore;
 use crate::tables::*;
-use crate::{FileKind, Ino, MetaError, ROOT_INO, Result, Timestamp};
+use crate::{Ino, MetaError, ROOT_INO, Result, Timestamp};
 use redb::{Database, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -206,14 +206,7 @@ impl MetaStore {
         put(&mut out, &(KEY_LOG_BASE, op_seq.to_le_bytes().as_slice()))?;
         c.inodes = put_section(&mut out, &read.open_table(INODES)?, |&ino, bytes| {
             let inode = decode_inode(ino, bytes)?;
-            match inode.kind {
-                FileKind::File => {
-                    c.files += 1;
-                    c.bytes += inode.size;
-                }
-                FileKind::Dir => c.dirs += 1,
-                _ => {}
-            }
+            crate::store::tally(&inode, &mut c.files, &mut c.dirs, &mut c.bytes);
             Ok(())
         })?;
         c.dentries = put_section(&mut out, &read.open_table(DENTRIES)?, |_, _| Ok(()))?;
@@ -353,14 +346,7 @@ fn import_into(path: &Path, body: &[u8]) -> Result<CheckpointCounts> {
                     inode.ino
                 )));
             }
-            match inode.kind {
-                FileKind::File => {
-                    c.files += 1;
-                    c.bytes += inode.size;
-                }
-                FileKind::Dir => c.dirs += 1,
-                _ => {}
-            }
+            crate::store::tally(&inode, &mut c.files, &mut c.dirs, &mut c.bytes);
             inodes.insert(k, v.as_slice())?;
         }
         c.dentries = r.count("dentries")?;
@@ -430,7 +416,7 @@ fn import_into(path: &Path, body: &[u8]) -> Result<CheckpointCounts> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BlobRecord, Caller, Inode, Op, Outcome, XattrMode};
+    use crate::{BlobRecord, Caller, FileKind, Inode, Op, Outcome, XattrMode};
 
     fn store(dir: &Path, name: &str) -> MetaStore {
         MetaStore::open(&dir.join(name), Timestamp::now(), 0, 0)

@@ -92,6 +92,19 @@ pub struct MetaCounts {
     pub orphans: u64,
 }
 
+/// Adds `inode` to running totals of regular files, directories and file bytes: the same
+/// totals for `cfs status` ([`MetaCounts`]) and for a checkpoint's record of what it holds.
+pub(crate) fn tally(inode: &Inode, files: &mut u64, dirs: &mut u64, bytes: &mut u64) {
+    match inode.kind {
+        FileKind::File => {
+            *files += 1;
+            *bytes += inode.size;
+        }
+        FileKind::Dir => *dirs += 1,
+        _ => {}
+    }
+}
+
 impl MetaStore {
     /// Opens the store at `path`, creating and formatting it if it does not exist.
     /// Returns the store and whether it was created.
@@ -671,14 +684,7 @@ impl MetaStore {
         let mut c = MetaCounts::default();
         self.for_each_inode(|inode| {
             c.inodes += 1;
-            match inode.kind {
-                FileKind::File => {
-                    c.files += 1;
-                    c.bytes += inode.size;
-                }
-                FileKind::Dir => c.dirs += 1,
-                _ => {}
-            }
+            crate::store::tally(&inode, &mut c.files, &mut c.dirs, &mut c.bytes);
             Ok(())
         })?;
         c.orphans = self.orphans()?.len() as u64;
