@@ -452,6 +452,67 @@ fn a_new_files_attributes_are_what_a_later_stat_shows() {
     }
 }
 
+/// Opens of one file that need different io modes, racing: a reader's gets passthrough, and
+/// a writer's of a set-id file is served by the daemon unless a passthrough handle is open.
+/// The kernel fails with EIO an open whose mode clashes with a handle it holds, so the
+/// daemon must decide one open of a file at a time: two that look at once can each miss the
+/// other and clash (before it did, this saw dozens of EIOs in a few seconds).
+#[test]
+fn racing_opens_of_one_file_in_different_io_modes_all_succeed() {
+    let root = scratch("race");
+    let m = Mount::start(root.path(), &[]);
+    let f = m.path("s");
+    std::fs::write(&f, vec![b'a'; 4096]).expect("write");
+    set_mode(&f, 0o4755);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let opens = |write: bool| {
+        let f = &f;
+        move || {
+            // Opens and reads or writes that worked, that failed, and the first error.
+            let (mut ok, mut failed, mut first) = (0u64, 0u64, None);
+            while std::time::Instant::now() < until {
+                let r = std::fs::OpenOptions::new()
+                    .read(!write)
+                    .write(write)
+                    .open(f)
+                    .and_then(|file| {
+                        let mut b = [0; 1];
+                        if write {
+                            file.write_all_at(b"b", 0)
+                        } else {
+                            file.read_exact_at(&mut b, 0)
+                        }
+                    });
+                match r {
+                    Ok(()) => ok += 1,
+                    Err(e) => {
+                        failed += 1;
+                        first.get_or_insert(e.to_string());
+                    }
+                }
+            }
+            (ok, failed, first)
+        }
+    };
+    let ((reads, read_errors, read_error), (writes, write_errors, write_error)) =
+        std::thread::scope(|s| {
+            let r = s.spawn(opens(false));
+            let w = s.spawn(opens(true));
+            (
+                r.join().expect("reader thread"),
+                w.join().expect("writer thread"),
+            )
+        });
+    assert!(reads > 0 && writes > 0, "{reads} reads, {writes} writes");
+    assert!(
+        read_errors == 0 && write_errors == 0,
+        "of {reads} reads and {writes} writes, {read_errors} and {write_errors} failed: \
+         {read_error:?} {write_error:?}"
+    );
+    // Root's writes keep the bits.
+    assert_eq!(std::fs::metadata(&f).expect("stat").mode() & 0o7777, 0o4755);
+}
+
 /// Pages the kernel cached for a file read through the daemon (`--no-passthrough`) stay
 /// cached across opens (`FOPEN_KEEP_CACHE`), so a file read again is not read from the daemon
 /// again; and once a passthrough handle has written the file behind the kernel's cache, the

@@ -75,7 +75,14 @@ pub struct Handles {
     backing: DashMap<u64, Weak<BackingId>>,
     /// Per inode: who uses it. Eviction takes the inode's entry, so it never races an open.
     users: DashMap<u64, Users>,
+    /// Opens of one inode decide their io mode one at a time (see [`Handles::deciding`]);
+    /// inodes share these locks by number.
+    deciding: [parking_lot::Mutex<()>; DECIDING_LOCKS],
 }
+
+/// How many locks the opens of all inodes share: enough that opens of different files
+/// rarely wait for each other with a few FUSE threads.
+const DECIDING_LOCKS: usize = 32;
 
 /// The users of one inode.
 #[derive(Clone, Copy)]
@@ -226,6 +233,16 @@ impl Handles {
     /// Whether a passthrough handle of `ino` may still be open: its backing id is alive.
     pub fn passthrough_open(&self, ino: u64) -> bool {
         self.backing.get(&ino).is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// Held by an open from its first look at the inode's state (blobs off flash, handles
+    /// open, set-id bits) until its handle is inserted. The kernel fails (EIO) an open whose
+    /// io mode clashes with that of a handle it holds: passthrough beside a daemon-served
+    /// handle in cached mode, or the other way round. Two opens of one file that looked at
+    /// the same time could each see the other's mode missing and pick clashing ones (a
+    /// reader and a writer of a set-id file did, about once in 3,000 opens).
+    pub fn deciding(&self, ino: u64) -> parking_lot::MutexGuard<'_, ()> {
+        self.deciding[(ino % DECIDING_LOCKS as u64) as usize].lock()
     }
 
     /// Returns the inode's live backing id, or registers one with `register`. The map shard
