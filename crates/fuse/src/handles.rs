@@ -240,7 +240,8 @@ impl Handles {
     /// io mode clashes with that of a handle it holds: passthrough beside a daemon-served
     /// handle in cached mode, or the other way round. Two opens of one file that looked at
     /// the same time could each see the other's mode missing and pick clashing ones (a
-    /// reader and a writer of a set-id file did, about once in 3,000 opens).
+    /// reader and a writer of a set-id file opening it in a loop did, a few times in
+    /// 100,000 opens).
     pub fn deciding(&self, ino: u64) -> parking_lot::MutexGuard<'_, ()> {
         self.deciding[(ino % DECIDING_LOCKS as u64) as usize].lock()
     }

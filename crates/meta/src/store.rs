@@ -684,7 +684,7 @@ impl MetaStore {
         let mut c = MetaCounts::default();
         self.for_each_inode(|inode| {
             c.inodes += 1;
-            crate::store::tally(&inode, &mut c.files, &mut c.dirs, &mut c.bytes);
+            tally(&inode, &mut c.files, &mut c.dirs, &mut c.bytes);
             Ok(())
         })?;
         c.orphans = self.orphans()?.len() as u64;
