@@ -136,9 +136,11 @@ impl Handles {
                 }
             } else {
                 e.cached += 1;
-                // A direct-I/O handle neither fills nor drops the cache. Nor does an open
-                // beside a live passthrough handle: the kernel refuses it (one io mode per
-                // inode), so it must not mark the cache current while that handle may write.
+                // A direct-I/O handle neither fills nor drops the cache. Nor may an open
+                // made while a passthrough id is alive mark it current: the kernel refuses
+                // such an open if the handle is still open there (one io mode per inode; it
+                // happens if passthrough was turned off with handles left), and the handle
+                // may write meanwhile.
                 if !handle.direct_io {
                     let passthrough_open = self.passthrough_open(handle.ino);
                     keep_cache = e.cache_current && !passthrough_open;

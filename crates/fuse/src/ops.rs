@@ -224,7 +224,8 @@ impl Core {
             Some((inode, f)) => (f, Some(inode)),
             None => (self.flash.open_or_create(ino)?, None),
         };
-        let _deciding = self.live.handles.deciding(ino);
+        // A file created just now is known to no other open until this one is answered.
+        let _deciding = new_inode.is_none().then(|| self.live.handles.deciding(ino));
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         // A file with blobs off flash is served by the daemon, which fetches them on first
         // access; its next open after they are all back gets passthrough again. A file
